@@ -92,3 +92,58 @@ def verify_chain(con: duckdb.DuckDBPyConnection) -> tuple[bool, int | None]:
             return False, sequence
         previous, expected_sequence = digest, sequence + 1
     return True, None
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None):
+    row = con.execute(sql, params or []).fetchone()
+    return row[0] if row else None
+
+
+def _tables(con: duckdb.DuckDBPyConnection, schema: str) -> list[str]:
+    return [f"{schema}.{t}" for (t,) in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND NOT temporary ORDER BY table_name",
+        [schema]).fetchall()]
+
+
+def collect_pipeline_facts(con: duckdb.DuckDBPyConnection) -> dict:
+    """What an audit record states about the warehouse now: hashes of inputs and outputs,
+    de-identification counts, the model (version, MLflow run, data hash), validation results
+    and the latest drift report. No identifier values: counts, hashes and codes only."""
+    raw_hashes = {t: table_hash(con, t) for t in _tables(con, "raw") if t != "raw.quarantine"}
+    deid_hashes = {t: table_hash(con, t) for t in _tables(con, "deid")}
+    model = con.execute(
+        """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, metrics
+           FROM ml.models ORDER BY model_version DESC LIMIT 1""").fetchone()
+    facts = {
+        "inputs": {
+            "raw_tables_sha256": raw_hashes,
+            "raw_input_sha256": hashlib.sha256(canonical(raw_hashes)).hexdigest(),
+            "lines_read": _scalar(con, "SELECT sum(lines_read) FROM raw.landing_files"),
+            "lines_quarantined": _scalar(con, "SELECT count(*) FROM raw.quarantine"),
+        },
+        "outputs": {
+            "deid_tables_sha256": deid_hashes,
+            "feature_matrix_sha256": table_hash(con, "features.feature_matrix"),
+        },
+        "deidentification": dict(con.execute("SELECT category, removed FROM deid.removal_counts ORDER BY category").fetchall()),
+    }
+    if model:
+        version = model[0]
+        facts["model"] = {"model_version": version, "mlflow_run_id": model[1], "training_data_hash": model[2],
+                          "model_sha256": model[3], "training_metrics": orjson.loads(model[4])}
+        facts["validation"] = {
+            metric: {"value": value, "passed": passed}
+            for metric, value, passed in con.execute(
+                "SELECT metric, value, passed FROM ml.validation_report WHERE model_version = ? ORDER BY metric",
+                [version]).fetchall()
+        } if _tables(con, "ml").count("ml.validation_report") else {}
+    if "monitoring.drift_report" in _tables(con, "monitoring"):
+        facts["drift"] = dict(zip(
+            ["report_id", "batch", "max_psi", "drifted_features"],
+            con.execute(
+                """SELECT report_id, any_value(batch), max(psi), list(feature ORDER BY feature) FILTER (WHERE drifted)
+                   FROM monitoring.drift_report WHERE report_id = (
+                       SELECT report_id FROM monitoring.drift_report ORDER BY created_at DESC LIMIT 1)
+                   GROUP BY report_id""").fetchone(),
+        ))
+    return facts

@@ -362,9 +362,75 @@ def deidentify(
         removed[f"note_{tag.lower()}"] = count
     con.execute("DROP TABLE IF EXISTS deid_patient_src")
     con.execute("DROP TABLE IF EXISTS deid_encounter_keys")
+    counts = pa.table({"category": list(removed), "removed": [int(v or 0) for v in removed.values()]})
+    con.register("removal_counts", counts)
+    con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
+    con.unregister("removal_counts")
     return DeidReport(
         rows_by_table=rows,
         removed_by_category={k: int(v or 0) for k, v in removed.items()},
         orphan_rows_dropped=orphans,
         reference_date=str(reference_date),
     )
+
+
+# --- leak scan -------------------------------------------------------------------------------
+
+def _identifier_values_sql(raw_schema: str) -> str:
+    """Original identifier values from the raw Patient resources, lower-cased, by category."""
+    p = f"{raw_schema}.patient"
+    return f"""
+    SELECT DISTINCT category, lower(trim(value)) AS value FROM (
+        SELECT 'name' AS category, unnest(list_concat(
+            flatten(list_transform(CAST(resource->'name' AS JSON[]), lambda n: coalesce(CAST(n->'given' AS VARCHAR[]), []))),
+            list_transform(CAST(resource->'name' AS JSON[]), lambda n: n->>'family'))) AS value FROM {p}
+        UNION ALL SELECT 'identifier', unnest(list_transform(CAST(resource->'identifier' AS JSON[]), lambda i: i->>'value')) FROM {p}
+        UNION ALL SELECT 'telecom', unnest(list_transform(CAST(resource->'telecom' AS JSON[]), lambda t: t->>'value')) FROM {p}
+        UNION ALL SELECT 'address', unnest(flatten(list_transform(CAST(resource->'address' AS JSON[]),
+                                                   lambda a: coalesce(CAST(a->'line' AS VARCHAR[]), [])))) FROM {p}
+        UNION ALL SELECT 'birth_date', resource->>'birthDate' FROM {p}
+    ) WHERE value IS NOT NULL AND length(trim(value)) >= 3
+    """
+
+
+def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], raw_schema: str = "raw") -> list[dict]:
+    """Scan every text column of ``tables`` for original identifier values.
+
+    Returns one row per (table, column, category) with a hit count, never the values themselves,
+    so the result is safe to log and to show as metadata. Single-word identifiers are matched
+    against the texts' whitespace tokens (a hash join); identifiers containing spaces (street
+    lines, some phone formats) are matched by substring.
+    """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(raw_schema)}")
+    findings = []
+    try:
+        for table in tables:
+            schema, name = table.split(".")
+            columns = [c for (c,) in con.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? AND data_type = 'VARCHAR'",
+                [schema, name]).fetchall()]
+            for column in columns:
+                rows = con.execute(
+                    f"""WITH texts AS (
+                            SELECT row_number() OVER () AS text_id, text
+                            FROM (SELECT DISTINCT lower("{column}") AS text FROM {table} WHERE "{column}" IS NOT NULL)),
+                        tokens AS (
+                            SELECT DISTINCT text_id,
+                                regexp_replace(unnest(string_split_regex(text, '\\s+')), '^[^\\w]+|[^\\w]+$', '', 'g') AS token
+                            FROM texts),
+                        ids AS (SELECT *, string_split(value, ' ')[1] AS first_token FROM leak_ids)
+                        -- one-word identifiers: equal to a token
+                        SELECT i.category, count(*) FROM ids i JOIN tokens t ON t.token = i.value
+                        WHERE i.value NOT LIKE '% %' GROUP BY i.category
+                        UNION ALL
+                        -- several words: substring check, only in texts holding the first word
+                        SELECT i.category, count(*) FROM ids i
+                        JOIN tokens t ON t.token = i.first_token
+                        JOIN texts x ON x.text_id = t.text_id AND contains(x.text, i.value)
+                        WHERE i.value LIKE '% %' GROUP BY i.category"""
+                ).fetchall()
+                for category, hits in rows:
+                    findings.append({"table": table, "column": column, "category": category, "hits": int(hits)})
+    finally:
+        con.execute("DROP TABLE IF EXISTS leak_ids")
+    return findings

@@ -214,15 +214,28 @@ def build_feature_matrix(
     return FeatureMatrixSchema.validate(frame, lazy=True)
 
 
-def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, table: str = "features.feature_matrix") -> None:
-    schema = table.split(".")[0]
+def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, spec: FeatureSpec) -> None:
+    """Replace features.feature_matrix and features.feature_spec together."""
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        con.execute("CREATE SCHEMA IF NOT EXISTS features")
         con.register("feature_frame", frame.to_arrow())
-        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM feature_frame")
+        con.execute("CREATE OR REPLACE TABLE features.feature_matrix AS SELECT * FROM feature_frame")
         con.unregister("feature_frame")
+        con.execute(
+            "CREATE OR REPLACE TABLE features.feature_spec AS SELECT ?::DATE AS index_date, ? AS horizon_days, "
+            "? AS lookback_days, ? AS min_age",
+            [spec.index_date, spec.horizon_days, spec.lookback_days, spec.min_age])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def read_feature_spec(con: duckdb.DuckDBPyConnection) -> FeatureSpec:
+    index_date, horizon, lookback, min_age = con.execute("SELECT * FROM features.feature_spec").fetchone()
+    return FeatureSpec(index_date=index_date, horizon_days=horizon, lookback_days=lookback, min_age=min_age)
+
+
+def read_feature_matrix(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    return con.execute("SELECT * FROM features.feature_matrix ORDER BY patient_key").pl()

@@ -107,3 +107,24 @@ def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresho
     metrics = pl.DataFrame(rows, schema={"metric": pl.String, "value": pl.Float64, "rule": pl.String,
                                          "passed": pl.Boolean}, orient="row")
     return ValidationReport(metrics=metrics, subgroups=subgroups)
+
+
+def save_report(con, model_version: int, report: ValidationReport) -> None:
+    """Replace this model version's rows in ml.validation_report / ml.subgroup_performance."""
+    con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+    con.execute("""CREATE TABLE IF NOT EXISTS ml.validation_report (
+        model_version INTEGER, metric VARCHAR, value DOUBLE, rule VARCHAR, passed BOOLEAN)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS ml.subgroup_performance (
+        model_version INTEGER, attribute VARCHAR, "group" VARCHAR, n BIGINT, positives BIGINT,
+        auroc DOUBLE, evaluable BOOLEAN)""")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for table, frame in (("ml.validation_report", report.metrics), ("ml.subgroup_performance", report.subgroups)):
+            con.execute(f"DELETE FROM {table} WHERE model_version = ?", [model_version])
+            con.register("report_rows", frame.to_arrow())
+            con.execute(f"INSERT INTO {table} SELECT ?, * FROM report_rows", [model_version])
+            con.unregister("report_rows")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise

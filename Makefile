@@ -1,0 +1,33 @@
+# The two set-up commands (README): `make demo` and `make test`. Both create .venv if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME := $(CURDIR)/.dagster
+
+.PHONY: install demo test dev dagster-home
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.8
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+dagster-home:
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+# Install, then materialize the whole asset graph on the embedded defaults (synthetic FHIR
+# source, DuckDB file, SQLite Dagster storage, local MLflow store; demo de-id key).
+demo: install dagster-home
+	CLINICAL_DEMO_MODE=1 $(BIN)/dagster job execute -m clinical_assets.definitions -a defs -j clinical_pipeline
+	CLINICAL_DEMO_MODE=1 $(BIN)/python -m clinical_assets.summary
+
+# Install, then run the whole test suite (slow suites included).
+test: install
+	$(BIN)/pytest
+
+# The Dagster UI and daemon (sensors) on http://127.0.0.1:3000
+dev: install dagster-home
+	CLINICAL_DEMO_MODE=1 $(BIN)/dagster dev -w workspace.yaml

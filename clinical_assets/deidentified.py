@@ -1,0 +1,48 @@
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, MaterializeResult, asset, asset_check
+
+from clinical_assets.metadata import counts_table, markdown_table
+from clinical_assets.raw_fhir import raw_fhir
+from clinical_ml.deid import DEID_TABLES, deidentify, find_identifier_leaks
+from resources.deid_key import DeidKey
+from resources.warehouse import DuckDBWarehouse
+
+import polars as pl
+
+
+@asset(
+    deps=[raw_fhir],
+    group_name="deidentification",
+    kinds={"duckdb"},
+    owners=["team:privacy"],
+    description="HIPAA Safe Harbor de-identified tables (schema `deid`): keyed pseudonyms, dates "
+    "shifted per patient, birth year only, 90+ grouped, 3-digit zip, scrubbed notes. Nothing "
+    "downstream reads `raw`.",
+)
+def deidentified_fhir(context: AssetExecutionContext, warehouse: DuckDBWarehouse, deid_key: DeidKey) -> MaterializeResult:
+    if deid_key.is_demo_key():
+        context.log.warning("Using the published demo de-identification key: synthetic data only.")
+    with warehouse.connect() as con:
+        report = deidentify(con, deid_key.key(), max_shift_days=deid_key.date_shift_max_days)
+    return MaterializeResult(metadata={
+        "rows_by_table": counts_table(report.rows_by_table, "table", "rows"),
+        "removed_by_category": counts_table(report.removed_by_category, "category", "removed or generalized"),
+        "orphan_rows_dropped": counts_table(report.orphan_rows_dropped, "table", "rows without a landed patient"),
+        "age_reference_date": report.reference_date,
+        "demo_key": deid_key.is_demo_key(),
+    })
+
+
+def leak_check_result(warehouse: DuckDBWarehouse, tables: list[str]) -> AssetCheckResult:
+    with warehouse.connect() as con:
+        findings = find_identifier_leaks(con, tables)
+    metadata = {"tables_scanned": len(tables), "hits": sum(f["hits"] for f in findings)}
+    if findings:  # where and which category, never the values
+        metadata["findings"] = markdown_table(pl.DataFrame(findings))
+    return AssetCheckResult(passed=not findings, severity=AssetCheckSeverity.ERROR, metadata=metadata)
+
+
+@asset_check(asset=deidentified_fhir, blocking=True,
+             description="No original name, identifier, phone, e-mail, street line or birth date "
+             "from the raw Patient resources appears in any de-identified text column.")
+def deidentified_fhir_has_no_identifiers(warehouse: DuckDBWarehouse) -> AssetCheckResult:
+    return leak_check_result(warehouse, [f"deid.{t}" for t in DEID_TABLES])

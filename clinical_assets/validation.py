@@ -1,0 +1,54 @@
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MaterializeResult, asset
+
+from clinical_assets.metadata import markdown_table
+from clinical_assets.model import trained_model
+from clinical_ml.model_store import latest_model, test_predictions
+from clinical_ml.validation import Thresholds, save_report, validate
+from resources.mlflow_tracking import MLflowTracking
+from resources.warehouse import DuckDBWarehouse
+
+# Asset check name -> metric in the report. Each is a clinical acceptance rule.
+VALIDATION_CHECKS = {
+    "auroc_at_least_0_85": "auroc",
+    "sensitivity_at_90_specificity_at_least_0_70": "sensitivity_at_90_specificity",
+    "calibration_slope_between_0_8_and_1_2": "calibration_slope",
+    "subgroup_auroc_gap_below_0_05": "subgroup_auroc_gap",
+    "cv_auroc_std_below_0_03": "cv_auroc_std",
+}
+
+
+@asset(
+    deps=[trained_model],
+    group_name="validation",
+    kinds={"duckdb", "scikitlearn"},
+    owners=["team:clinical-ml"],
+    description="Held-out validation of the latest model against clinical thresholds: AUROC, "
+    "sensitivity at 90% specificity, calibration slope, Brier score, AUROC per sex and age group. "
+    "Each threshold is an asset check.",
+    check_specs=[AssetCheckSpec(name, asset="validation_report", description=f"Clinical threshold on {metric}")
+                 for name, metric in VALIDATION_CHECKS.items()],
+)
+def validation_report(warehouse: DuckDBWarehouse, mlflow: MLflowTracking) -> MaterializeResult:
+    with warehouse.connect() as con:
+        model = latest_model(con)
+        report = validate(test_predictions(con, model.model_version), model.metrics["cv_auroc_std"], Thresholds())
+        save_report(con, model.model_version, report)
+    if model.mlflow_run_id:
+        mlflow.log_metrics_to_run(model.mlflow_run_id, {
+            f"validation_{row['metric']}": row["value"] for row in report.metrics.iter_rows(named=True)
+            if row["value"] == row["value"]})
+    return MaterializeResult(
+        metadata={
+            "model_version": model.model_version,
+            "all_thresholds_met": report.all_passed,
+            "report": markdown_table(report.metrics),
+            "subgroups": markdown_table(report.subgroups),
+            "auroc": report.value("auroc"),
+            "calibration_slope": report.value("calibration_slope"),
+        },
+        check_results=[
+            AssetCheckResult(check_name=name, passed=report.passed(metric), severity=AssetCheckSeverity.ERROR,
+                             metadata={"value": report.value(metric), "model_version": model.model_version})
+            for name, metric in VALIDATION_CHECKS.items()
+        ],
+    )

@@ -1,0 +1,91 @@
+"""Trained models and their held-out predictions, stored in DuckDB (schema ``ml``)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import duckdb
+import orjson
+import polars as pl
+
+from clinical_ml.training import TrainingResult
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS ml;
+CREATE TABLE IF NOT EXISTS ml.models (
+    model_version INTEGER PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL,
+    mlflow_run_id VARCHAR,
+    training_data_hash VARCHAR NOT NULL,
+    model_sha256 VARCHAR NOT NULL,
+    feature_names VARCHAR[] NOT NULL,
+    params JSON NOT NULL,
+    metrics JSON NOT NULL,
+    model_cbm BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ml.test_predictions (
+    model_version INTEGER NOT NULL,
+    patient_key VARCHAR NOT NULL,
+    sex VARCHAR, age_group VARCHAR, race VARCHAR,
+    y_true INTEGER NOT NULL,
+    score DOUBLE NOT NULL,
+    baseline_score DOUBLE NOT NULL
+);
+"""
+
+
+@dataclass
+class StoredModel:
+    model_version: int
+    mlflow_run_id: str | None
+    training_data_hash: str
+    model_sha256: str
+    feature_names: list[str]
+    metrics: dict
+    model_cbm: bytes
+
+
+def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_run_id: str | None,
+               data_hash: str) -> StoredModel:
+    """Store a new model version and its test predictions in one transaction."""
+    con.execute(_DDL)
+    blob = result.model_bytes()
+    model_sha = hashlib.sha256(blob).hexdigest()
+    con.execute("BEGIN TRANSACTION")
+    try:
+        version = con.execute("SELECT coalesce(max(model_version), 0) + 1 FROM ml.models").fetchone()[0]
+        con.execute(
+            "INSERT INTO ml.models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [version, datetime.now(timezone.utc), mlflow_run_id, data_hash, model_sha, result.feature_names,
+             orjson.dumps(result.params).decode(), orjson.dumps(result.metrics).decode(), blob],
+        )
+        predictions = result.test_predictions.select(
+            pl.lit(version, dtype=pl.Int32).alias("model_version"), "patient_key", "sex", "age_group", "race",
+            "y_true", "score", "baseline_score")
+        con.register("new_predictions", predictions.to_arrow())
+        con.execute("INSERT INTO ml.test_predictions SELECT * FROM new_predictions")
+        con.unregister("new_predictions")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return StoredModel(version, mlflow_run_id, data_hash, model_sha, result.feature_names, result.metrics, blob)
+
+
+def latest_model(con: duckdb.DuckDBPyConnection) -> StoredModel:
+    con.execute(_DDL)
+    row = con.execute(
+        """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, feature_names, metrics, model_cbm
+           FROM ml.models ORDER BY model_version DESC LIMIT 1"""
+    ).fetchone()
+    if row is None:
+        raise LookupError("no trained model in the warehouse: materialize trained_model first")
+    return StoredModel(row[0], row[1], row[2], row[3], list(row[4]), orjson.loads(row[5]), bytes(row[6]))
+
+
+def test_predictions(con: duckdb.DuckDBPyConnection, model_version: int) -> pl.DataFrame:
+    return con.execute(
+        "SELECT * FROM ml.test_predictions WHERE model_version = ? ORDER BY patient_key", [model_version]
+    ).pl()

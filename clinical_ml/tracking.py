@@ -1,0 +1,17 @@
+"""What a training run records in MLflow: parameters, metrics, data hash, features, model.
+No patient-level data is logged (no keys, no predictions)."""
+
+from __future__ import annotations
+
+from clinical_ml.training import TrainingResult
+
+
+def log_training_run(mlflow, result: TrainingResult, data_hash: str, extra_params: dict | None = None) -> None:
+    """Log into the active MLflow run."""
+    mlflow.log_params({**result.params, **(extra_params or {}), "n_train": result.n_train, "n_test": result.n_test})
+    mlflow.log_metrics({k: v for k, v in result.metrics.items() if v == v})  # NaN-free
+    for fold, auroc in enumerate(result.cv_aurocs):
+        mlflow.log_metric("cv_fold_auroc", auroc, step=fold)
+    mlflow.set_tag("training_data_sha256", data_hash)
+    mlflow.log_dict({"features": result.feature_names, "training_data_sha256": data_hash}, "features.json")
+    mlflow.catboost.log_model(result.model, name="model")

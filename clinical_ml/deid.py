@@ -181,9 +181,11 @@ def deidentify(
             r->>'gender' AS gender,
             birth_date, death_date,
             coalesce(TRY_CAST(r->>'deceasedBoolean' AS BOOLEAN), false) OR death_date IS NOT NULL AS deceased,
-            date_diff('year', birth_date, coalesce(least(death_date, DATE '{reference_date}'), DATE '{reference_date}'))
-                - CASE WHEN strftime(birth_date, '%m%d') > strftime(coalesce(least(death_date, DATE '{reference_date}'),
-                       DATE '{reference_date}'), '%m%d') THEN 1 ELSE 0 END AS age_at_reference,
+            -- Age as of the end of the record, also for the deceased: a birth year that would
+            -- indicate an age over 89 today is itself an identifier under Safe Harbor.
+            date_diff('year', birth_date, DATE '{reference_date}')
+                - CASE WHEN strftime(birth_date, '%m%d') > strftime(DATE '{reference_date}', '%m%d') THEN 1 ELSE 0 END
+                AS age_at_reference,
             list_filter(ext, lambda e: e->>'url' LIKE '%us-core-race')[1]->'extension'->0->'valueCoding'->>'display' AS race,
             list_filter(ext, lambda e: e->>'url' LIKE '%us-core-ethnicity')[1]->'extension'->0->'valueCoding'->>'display'
                 AS ethnicity,

@@ -56,6 +56,12 @@ class TrainingResult:
     n_test: int = 0
 
     def model_bytes(self) -> bytes:
+        # CatBoost stamps each model with a finish time and a random GUID; without them the
+        # file (and its SHA-256 in the audit trail) is identical for the same data and seed.
+        metadata = self.model.get_metadata()
+        for volatile in ("train_finish_time", "model_guid"):
+            if volatile in metadata:
+                del metadata[volatile]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.cbm")
             self.model.save_model(path, format="cbm")

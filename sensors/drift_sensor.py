@@ -29,9 +29,11 @@ def build_psi_drift_sensor(threshold: float | None = None):
         drifted, max_psi = psi_exceeds(materialization.metadata, threshold)
         if not drifted:
             return SkipReason(f"max PSI {max_psi:.3f} <= {threshold}")
-        # One run per drift report: the event's storage id makes re-evaluation idempotent.
+        # One run per drift report: its id as the run key makes re-evaluation idempotent.
+        report = materialization.metadata.get("report_id")
+        report_id = report.value if report is not None else f"{asset_event.run_id}-{asset_event.timestamp}"
         return RunRequest(
-            run_key=f"psi-drift-{asset_event.storage_id}",
+            run_key=f"psi-drift-{report_id}",
             tags={"trigger": "psi_drift", "max_psi": f"{max_psi:.4f}", "psi_threshold": str(threshold)},
         )
 

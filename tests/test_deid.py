@@ -1,0 +1,131 @@
+import duckdb
+import pytest
+
+from clinical_ml.deid import (DEID_TABLES, MissingSecretKey, date_shift_days, deidentify, find_identifier_leaks,
+                              pseudonym, scrub_notes_sql)
+from clinical_ml.ingest import land_ndjson
+from clinical_ml.synthetic import patient_identifiers
+from resources.deid_key import DeidKey
+from tests.conftest import TEST_KEY, read_resources, shared_sample
+
+
+def _all_text(con) -> str:
+    """Every value of every de-identified table, as one lower-cased string."""
+    parts = []
+    for table in DEID_TABLES:
+        parts += [str(row) for row in con.execute(f"SELECT * FROM deid.{table}").fetchall()]
+    return "\n".join(parts).lower()
+
+
+def test_generated_identifiers_appear_nowhere_in_deidentified_tables(deid_con, small_export):
+    text = _all_text(deid_con)
+    checked = 0
+    for patient in read_resources(small_export, "Patient"):
+        ids = patient_identifiers(patient)
+        for value in ids["name"] + ids["identifier"] + ids["telecom"] + ids["address"] + ids["birth_date"]:
+            assert value.lower() not in text, "an original identifier survived de-identification"
+            checked += 1
+        assert patient["id"] not in text  # resource ids are replaced by pseudonyms
+    assert checked > 400 * 8
+
+
+def test_pseudonyms_are_consistent_across_resources_and_runs(deid_con, small_export):
+    patient = read_resources(small_export, "Patient")[0]
+    key = pseudonym(TEST_KEY, "Patient", patient["id"])
+    assert deid_con.execute("SELECT count(*) FROM deid.patient WHERE patient_key = ?", [key]).fetchone()[0] == 1
+    raw_encounters = sum(1 for e in read_resources(small_export, "Encounter")
+                         if e["subject"]["reference"] == f"Patient/{patient['id']}")
+    assert deid_con.execute("SELECT count(*) FROM deid.encounter WHERE patient_key = ?", [key]).fetchone()[0] == raw_encounters
+    # every encounter key used by observations exists in the encounter table (linkage survives)
+    assert deid_con.execute("""SELECT count(*) FROM deid.observation o
+                               ANTI JOIN deid.encounter e USING (encounter_key)""").fetchone()[0] == 0
+    # same key, same pseudonym; another key, another pseudonym
+    assert pseudonym(TEST_KEY, "Patient", "abc") == pseudonym(TEST_KEY, "Patient", "abc")
+    assert pseudonym(TEST_KEY, "Patient", "abc") != pseudonym(b"another-key-0123456789", "Patient", "abc")
+
+
+def test_deidentification_is_deterministic(small_export):
+    def run():
+        con = duckdb.connect()
+        land_ndjson(con, small_export)
+        deidentify(con, TEST_KEY)
+        return con.execute("SELECT * FROM deid.encounter ORDER BY encounter_key").fetchall()
+
+    assert run() == run()
+
+
+def test_dates_shift_per_patient_keeping_intervals(deid_con, small_export):
+    patient = read_resources(small_export, "Patient")[1]
+    raw_starts = sorted(e["period"]["start"][:10] for e in read_resources(small_export, "Encounter")
+                        if e["subject"]["reference"] == f"Patient/{patient['id']}")
+    key = pseudonym(TEST_KEY, "Patient", patient["id"])
+    shifted = [r[0] for r in deid_con.execute(
+        "SELECT start_date FROM deid.encounter WHERE patient_key = ? ORDER BY start_date", [key]).fetchall()]
+    from datetime import date
+    raw_dates = [date.fromisoformat(d) for d in raw_starts]
+    offset = date_shift_days(TEST_KEY, patient["id"], 365)
+    assert offset != 0
+    assert [(s - r).days for s, r in zip(shifted, raw_dates)] == [offset] * len(raw_dates)
+
+
+def test_birth_year_only_ages_over_89_grouped_and_restricted_zips(deid_con, small_export):
+    columns = [c for (c,) in deid_con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'patient' AND schema_name = 'deid'").fetchall()]
+    assert "birth_date" not in columns and "birth_year" in columns
+    rows = deid_con.execute("SELECT birth_year, age_90_or_older, zip3 FROM deid.patient").fetchall()
+    assert any(r[1] for r in rows), "the cohort should contain patients aged 90+"
+    assert all(r[0] is None for r in rows if r[1])
+    assert all(r[0] >= 1935 for r in rows if not r[1])  # anyone born earlier is 90+ by the end of 2025
+    raw_zips = {p["address"][0]["postalCode"][:3] for p in read_resources(small_export, "Patient")}
+    assert "036" in raw_zips or "059" in raw_zips or "203" in raw_zips
+    zips = {r[2] for r in rows}
+    assert "000" in zips and not zips & {"036", "059", "063", "102", "203", "556", "692", "790", "821", "823",
+                                          "830", "831", "878", "879", "884", "890", "893"}
+
+
+def test_notes_are_scrubbed_but_keep_their_clinical_meaning():
+    con = duckdb.connect()
+    text = ("03/14/2021 Seen: John Medhurst46, MRN 12345678, SSN 123-45-6789, phone (555) 010-4477, "
+            "john.doe@example.org, lives at 12 Elm St, portal https://portal.example.org/p/1. "
+            "Patient denies a history of hypertension. 93 year-old with BP 128/82.")
+    (out,) = scrub_notes_sql(con, [text], [["John", "Medhurst46"]])
+    for leaked in ["03/14/2021", "John", "Medhurst46", "12345678", "123-45-6789", "010-4477", "john.doe",
+                   "12 Elm St", "portal.example.org", "93 year-old"]:
+        assert leaked not in out
+    assert "Patient denies a history of hypertension" in out
+    assert "BP 128/82" in out and "[AGE_90_PLUS] year-old" in out
+
+
+def test_leak_check_finds_a_planted_identifier_without_revealing_it(small_export):
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    tables = [f"deid.{t}" for t in DEID_TABLES]
+    assert find_identifier_leaks(con, tables) == []
+    ssn = read_resources(small_export, "Patient")[3]["identifier"][1]["value"]
+    con.execute("UPDATE deid.document_reference SET note_text = note_text || ' ssn ' || ? WHERE rowid = 0", [ssn])
+    findings = find_identifier_leaks(con, tables)
+    assert findings == [{"table": "deid.document_reference", "column": "note_text", "category": "identifier", "hits": 1}]
+    assert ssn not in repr(findings)
+
+
+def test_missing_key_is_a_clear_error_without_key_material(monkeypatch):
+    monkeypatch.delenv("DEID_SECRET_KEY", raising=False)
+    monkeypatch.delenv("CLINICAL_DEMO_MODE", raising=False)
+    with pytest.raises(MissingSecretKey, match="DEID_SECRET_KEY is not set"):
+        DeidKey().key()
+    monkeypatch.setenv("CLINICAL_DEMO_MODE", "1")
+    assert DeidKey().key() and DeidKey().is_demo_key()
+    monkeypatch.setenv("DEID_SECRET_KEY", "s3cr3t-x")
+    with pytest.raises(MissingSecretKey) as err:
+        DeidKey().key()
+    assert "s3cr3t-x" not in str(err.value)
+
+
+def test_real_synthea_sample_deidentifies_with_no_leaks():
+    con = duckdb.connect()
+    land_ndjson(con, shared_sample("synthea-bulk-10p"))
+    report = deidentify(con, TEST_KEY)
+    assert report.rows_by_table["patient"] == 13
+    assert report.rows_by_table["document_reference"] == 1215
+    assert find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES]) == []

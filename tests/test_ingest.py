@@ -1,0 +1,89 @@
+import json
+
+import duckdb
+import pytest
+
+import clinical_ml.ingest as ingest
+from clinical_ml.ingest import land_ndjson
+from tests.conftest import shared_sample
+
+
+def _write(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_malformed_lines_are_quarantined_with_reason_and_the_rest_loads(tmp_path):
+    good = [json.dumps({"resourceType": "Patient", "id": f"p{i}"}).encode() for i in range(5)]
+    bad = [
+        b'{"resourceType": "Patient", "id": ',           # invalid JSON (truncated)
+        b'["not", "an", "object"]',                        # not an object
+        b'{"id": "x1"}',                                   # missing resourceType
+        b'{"resourceType": "Patient"}',                    # missing id
+        b'{"resourceType": "Encounter", "id": "e1"}',      # wrong type for the file
+        b'{"resourceType": "Patient", "id": "\xff\xfe"}',  # invalid UTF-8
+        b"",                                               # empty line
+        b'{"resourceType": "Patient", "id": "p0"}',        # duplicate id
+    ]
+    _write(tmp_path / "Patient.000.ndjson", good[:3] + bad + good[3:])
+    con = duckdb.connect()
+    report = land_ndjson(con, tmp_path)
+
+    assert report.lines_read == 13 and report.loaded == 5 and report.quarantined == 8
+    assert report.reconciles
+    assert con.execute("SELECT list(id ORDER BY id) FROM raw.patient").fetchone()[0] == [f"p{i}" for i in range(5)]
+    quarantine = dict(con.execute("SELECT line_no, reason FROM raw.quarantine").fetchall())
+    assert quarantine == {
+        4: "invalid JSON", 5: "not a JSON object", 6: "missing resourceType", 7: "missing id",
+        8: "resourceType does not match file type Patient", 9: "invalid UTF-8", 10: "empty line",
+        11: "duplicate id (first occurrence kept)",
+    }
+    # nothing is lost: the quarantined line itself is kept for inspection
+    assert con.execute("SELECT line FROM raw.quarantine WHERE line_no = 6").fetchone()[0] == '{"id": "x1"}'
+
+
+def test_relanding_the_same_export_gives_the_same_tables(small_export):
+    con = duckdb.connect()
+    first = land_ndjson(con, small_export)
+    snapshot = con.execute("SELECT id, source_file, line_no FROM raw.observation ORDER BY id").fetchall()
+    second = land_ndjson(con, small_export)
+    assert first.loaded_by_type == second.loaded_by_type
+    assert con.execute("SELECT id, source_file, line_no FROM raw.observation ORDER BY id").fetchall() == snapshot
+
+
+def test_a_failed_landing_leaves_the_previous_tables_intact(tmp_path, small_export, monkeypatch):
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    before = con.execute("SELECT count(*) FROM raw.patient").fetchone()[0]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "Patient.000.ndjson").write_text('{"resourceType":"Patient","id":"only"}\n')
+    real_table_name = ingest.table_name
+
+    def failing_table_name(resource_type):
+        if resource_type == "Observation":
+            raise RuntimeError("disk full")
+        return real_table_name(resource_type)
+
+    monkeypatch.setattr(ingest, "table_name", failing_table_name)
+    with pytest.raises(RuntimeError, match="disk full"):
+        land_ndjson(con, other)
+    assert con.execute("SELECT count(*) FROM raw.patient").fetchone()[0] == before
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FHIR NDJSON directory not found"):
+        land_ndjson(duckdb.connect(), tmp_path / "nope")
+
+
+@pytest.mark.parametrize("sample", ["synthea-bulk-10p", "synthea-2019-40p"])
+def test_real_synthea_ndjson_lands_with_nothing_quarantined(sample):
+    directory = shared_sample(sample)
+    con = duckdb.connect()
+    report = land_ndjson(con, directory)
+    expected = sum(sum(1 for _ in open(p, "rb")) for p in directory.glob("[A-Z]*.ndjson"))
+    assert report.quarantined == 0
+    assert report.loaded == expected == report.lines_read
+    assert report.loaded_by_type["Patient"] >= 13
+    if sample == "synthea-bulk-10p":
+        assert report.skipped_files == ["log.ndjson"]  # the export log is not a resource file

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 import duckdb
 import orjson
 
+from clinical_ml.db import transaction
+
 GENESIS_HASH = "0" * 64
 AUDIT_TABLE = "audit.audit_log"
 
@@ -62,8 +64,7 @@ def append_record(con: duckdb.DuckDBPyConnection, body: dict) -> AuditRecord:
     """Append one record in a transaction; the chain head is read inside the same transaction."""
     con.execute(_DDL)
     body_json = canonical(body)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         head = con.execute(f"SELECT sequence, record_hash FROM {AUDIT_TABLE} ORDER BY sequence DESC LIMIT 1").fetchone()
         sequence, previous = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
         digest = record_hash(previous, body_json)
@@ -72,10 +73,6 @@ def append_record(con: duckdb.DuckDBPyConnection, body: dict) -> AuditRecord:
             f"INSERT INTO {AUDIT_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
             [sequence, record_id, datetime.now(timezone.utc), body_json.decode(), previous, digest],
         )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return AuditRecord(sequence=sequence, record_id=record_id, record_hash=digest, previous_hash=previous)
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from clinical_ml.db import transaction
+
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
 RESTRICTED_ZIP3 = (
     "036", "059", "063", "102", "203", "556", "692", "790", "821",
@@ -320,16 +322,29 @@ def deidentify(
     raw_counts = {
         name: con.execute(f"SELECT count(*) FROM {r}.{name}").fetchone()[0] for name in DEID_TABLES
     }
-    con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {out_schema}")
-        for name, sql in statements.items():
-            con.execute(f"CREATE OR REPLACE TABLE {out_schema}.{name} AS {sql}")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {out_schema}")
+            for name, sql in statements.items():
+                con.execute(f"CREATE OR REPLACE TABLE {out_schema}.{name} AS {sql}")
+            rows, orphans, removed = _deid_counts(con, out_schema, raw_counts, restricted)
+            counts = pa.table({"category": list(removed), "removed": list(removed.values())})
+            con.register("removal_counts", counts)
+            con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
+            con.unregister("removal_counts")
+    finally:
+        con.execute("DROP TABLE IF EXISTS deid_patient_src")
+        con.execute("DROP TABLE IF EXISTS deid_encounter_keys")
+    return DeidReport(
+        rows_by_table=rows,
+        removed_by_category=removed,
+        orphan_rows_dropped=orphans,
+        reference_date=str(reference_date),
+    )
 
+
+def _deid_counts(con: duckdb.DuckDBPyConnection, out_schema: str, raw_counts: dict, restricted: str):
+    """Rows per table, rows dropped for lack of a landed patient, and what was removed per category."""
     rows = {name: con.execute(f"SELECT count(*) FROM {out_schema}.{name}").fetchone()[0] for name in DEID_TABLES}
     orphans = {}
     for name in ("encounter", "medication_request", "document_reference"):
@@ -362,18 +377,7 @@ def deidentify(
     ).fetchall()
     for tag, count in note_tags:
         removed[f"note_{tag.lower()}"] = count
-    con.execute("DROP TABLE IF EXISTS deid_patient_src")
-    con.execute("DROP TABLE IF EXISTS deid_encounter_keys")
-    counts = pa.table({"category": list(removed), "removed": [int(v or 0) for v in removed.values()]})
-    con.register("removal_counts", counts)
-    con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
-    con.unregister("removal_counts")
-    return DeidReport(
-        rows_by_table=rows,
-        removed_by_category={k: int(v or 0) for k, v in removed.items()},
-        orphan_rows_dropped=orphans,
-        reference_date=str(reference_date),
-    )
+    return rows, orphans, {k: int(v or 0) for k, v in removed.items()}
 
 
 # --- leak scan -------------------------------------------------------------------------------

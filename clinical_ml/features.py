@@ -19,6 +19,8 @@ import duckdb
 import pandera.polars as pa
 import polars as pl
 
+from clinical_ml.db import transaction
+
 HYPERTENSION_CODE_SQL = "(code IN ('59621000', '38341003', '1201005', '10725009') OR code LIKE 'I10%' OR code LIKE 'I11%' OR code LIKE 'I12%' OR code LIKE 'I13%' OR code LIKE 'I15%')"
 DIAGNOSIS_FLAGS = {
     "dx_diabetes": "code IN ('44054006', '73211009', '46635009') OR code LIKE 'E10%' OR code LIKE 'E11%'",
@@ -216,8 +218,7 @@ def build_feature_matrix(
 
 def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, spec: FeatureSpec) -> None:
     """Replace features.feature_matrix and features.feature_spec together."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("CREATE SCHEMA IF NOT EXISTS features")
         con.register("feature_frame", frame.to_arrow())
         con.execute("CREATE OR REPLACE TABLE features.feature_matrix AS SELECT * FROM feature_frame")
@@ -226,10 +227,6 @@ def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, sp
             "CREATE OR REPLACE TABLE features.feature_spec AS SELECT ?::DATE AS index_date, ? AS horizon_days, "
             "? AS lookback_days, ? AS min_age",
             [spec.index_date, spec.horizon_days, spec.lookback_days, spec.min_age])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def read_feature_spec(con: duckdb.DuckDBPyConnection) -> FeatureSpec:

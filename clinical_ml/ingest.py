@@ -15,6 +15,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from clinical_ml.db import transaction
+
 # Resource types every downstream stage expects; their raw tables exist (maybe empty) after
 # any landing so that a source without, say, Observation still flows through the graph.
 CORE_RESOURCE_TYPES = (
@@ -163,41 +165,44 @@ def land_ndjson(con: duckdb.DuckDBPyConnection, ndjson_dir: str | Path, schema: 
     con.execute(_CLASSIFY_SQL)
 
     types = sorted({t for t, _ in files} | set(CORE_RESOURCE_TYPES))
-    con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-        for (old,) in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND NOT temporary", [schema]
-        ).fetchall():
-            con.execute(f'DROP TABLE {schema}."{old}"')
-        for rtype in types:
-            con.execute(
-                f"""CREATE TABLE {schema}.{table_name(rtype)} AS
-                    SELECT resource_id AS id, line::JSON AS resource, source_file, line_no
-                    FROM landing_classified WHERE reason IS NULL AND expected_type = ?
-                    ORDER BY source_file, line_no""",
-                [rtype],
-            )
-        con.execute(
-            f"""CREATE TABLE {schema}.quarantine AS
-                SELECT source_file, line_no, expected_type AS resource_type, reason, line
-                FROM landing_classified WHERE reason IS NOT NULL ORDER BY source_file, line_no"""
-        )
-        con.execute(
-            f"""CREATE TABLE {schema}.landing_files AS
-                SELECT source_file, expected_type AS resource_type, count(*) AS lines_read,
-                       count(*) FILTER (WHERE reason IS NULL) AS loaded,
-                       count(*) FILTER (WHERE reason IS NOT NULL) AS quarantined
-                FROM landing_classified GROUP BY ALL ORDER BY source_file"""
-        )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            _replace_raw_tables(con, schema, types)
     finally:
         con.execute("DROP TABLE IF EXISTS landing_lines")
         con.execute("DROP TABLE IF EXISTS landing_classified")
+    return _report(con, schema, types, report)
 
+
+def _replace_raw_tables(con: duckdb.DuckDBPyConnection, schema: str, types: list[str]) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    for (old,) in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND NOT temporary", [schema]
+    ).fetchall():
+        con.execute(f'DROP TABLE {schema}."{old}"')
+    for rtype in types:
+        con.execute(
+            f"""CREATE TABLE {schema}.{table_name(rtype)} AS
+                SELECT resource_id AS id, line::JSON AS resource, source_file, line_no
+                FROM landing_classified WHERE reason IS NULL AND expected_type = ?
+                ORDER BY source_file, line_no""",
+            [rtype],
+        )
+    con.execute(
+        f"""CREATE TABLE {schema}.quarantine AS
+            SELECT source_file, line_no, expected_type AS resource_type, reason, line
+            FROM landing_classified WHERE reason IS NOT NULL ORDER BY source_file, line_no"""
+    )
+    con.execute(
+        f"""CREATE TABLE {schema}.landing_files AS
+            SELECT source_file, expected_type AS resource_type, count(*) AS lines_read,
+                   count(*) FILTER (WHERE reason IS NULL) AS loaded,
+                   count(*) FILTER (WHERE reason IS NOT NULL) AS quarantined
+            FROM landing_classified GROUP BY ALL ORDER BY source_file"""
+    )
+
+
+def _report(con: duckdb.DuckDBPyConnection, schema: str, types: list[str], report: LandingReport) -> LandingReport:
     report.lines_read, report.loaded, report.quarantined = con.execute(
         f"SELECT coalesce(sum(lines_read), 0), coalesce(sum(loaded), 0), coalesce(sum(quarantined), 0) "
         f"FROM {schema}.landing_files"

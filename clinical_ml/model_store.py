@@ -10,6 +10,7 @@ import duckdb
 import orjson
 import polars as pl
 
+from clinical_ml.db import transaction
 from clinical_ml.training import TrainingResult
 
 _DDL = """
@@ -53,8 +54,7 @@ def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_ru
     con.execute(_DDL)
     blob = result.model_bytes()
     model_sha = hashlib.sha256(blob).hexdigest()
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         version = con.execute("SELECT coalesce(max(model_version), 0) + 1 FROM ml.models").fetchone()[0]
         con.execute(
             "INSERT INTO ml.models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -67,10 +67,6 @@ def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_ru
         con.register("new_predictions", predictions.to_arrow())
         con.execute("INSERT INTO ml.test_predictions SELECT * FROM new_predictions")
         con.unregister("new_predictions")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return StoredModel(version, mlflow_run_id, data_hash, model_sha, result.feature_names, result.metrics, blob)
 
 

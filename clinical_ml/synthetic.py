@@ -25,6 +25,8 @@ from pathlib import Path
 
 import orjson
 
+from clinical_ml.ingest import CORE_RESOURCE_TYPES
+
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition"
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -33,15 +35,8 @@ RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 UCUM = "http://unitsofmeasure.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
-# Resource types written, in file order.
-RESOURCE_TYPES = (
-    "Patient",
-    "Encounter",
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "DocumentReference",
-)
+# Resource types written, one file each: the ones every downstream stage reads.
+RESOURCE_TYPES = CORE_RESOURCE_TYPES
 
 # (SNOMED code, display, ICD-10 code) for the conditions the generator produces.
 CONDITIONS = {

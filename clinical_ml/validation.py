@@ -9,6 +9,8 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
+from clinical_ml.db import transaction
+
 MIN_CLASS_COUNT = 10  # a subgroup needs this many positives and negatives for a meaningful AUROC
 
 
@@ -117,14 +119,9 @@ def save_report(con, model_version: int, report: ValidationReport) -> None:
     con.execute("""CREATE TABLE IF NOT EXISTS ml.subgroup_performance (
         model_version INTEGER, attribute VARCHAR, "group" VARCHAR, n BIGINT, positives BIGINT,
         auroc DOUBLE, evaluable BOOLEAN)""")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         for table, frame in (("ml.validation_report", report.metrics), ("ml.subgroup_performance", report.subgroups)):
             con.execute(f"DELETE FROM {table} WHERE model_version = ?", [model_version])
             con.register("report_rows", frame.to_arrow())
             con.execute(f"INSERT INTO {table} SELECT ?, * FROM report_rows", [model_version])
             con.unregister("report_rows")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise

@@ -129,3 +129,17 @@ def test_real_synthea_sample_deidentifies_with_no_leaks():
     assert report.rows_by_table["patient"] == 13
     assert report.rows_by_table["document_reference"] == 1215
     assert find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES]) == []
+
+
+def test_a_failed_deidentification_leaves_the_previous_tables(small_export):
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    before = con.execute("SELECT count(*), min(patient_key) FROM deid.patient").fetchone()
+    # Break a later stage (observation) after earlier tables would already have been replaced.
+    con.execute("DELETE FROM raw.patient WHERE rowid % 2 = 0")
+    con.execute("ALTER TABLE raw.observation RENAME COLUMN resource TO broken")
+    with pytest.raises(duckdb.BinderException):
+        deidentify(con, TEST_KEY)
+    assert con.execute("SELECT count(*), min(patient_key) FROM deid.patient").fetchone() == before
+    assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary").fetchone()[0]

@@ -183,7 +183,7 @@ class _PatientWriter:
         # onset before the data window.
         def risk(d: date) -> float:
             return (
-                -3.6
+                -3.3
                 + 0.05 * (age_at(d) - 50)
                 + 0.10 * (bmi - 27)
                 + 0.8 * family_htn

@@ -21,7 +21,7 @@ class FhirSource(ConfigurableResource):
 
     ndjson_dir: Optional[str] = Field(default_factory=lambda: os.environ.get("FHIR_NDJSON_DIR") or None,
                                       description="Read this folder of <Type>.ndjson files instead of generating.")
-    synthetic_patients: int = Field(default_factory=lambda: _env_int("SYNTHETIC_PATIENTS", 3000))
+    synthetic_patients: int = Field(default_factory=lambda: _env_int("SYNTHETIC_PATIENTS", 5000))
     synthetic_seed: int = Field(default_factory=lambda: _env_int("SYNTHETIC_SEED", 42))
     export_root: str = Field(default_factory=lambda: str(data_home() / "exports"),
                              description="Where generated exports are written.")

@@ -10,27 +10,38 @@ from resources.warehouse import DuckDBWarehouse
     group_name="ingestion",
     kinds={"fhir", "duckdb"},
     owners=["team:data-platform"],
-    description="FHIR R4 Bulk Data NDJSON landed as raw tables (schema `raw`, PHI: inside the "
-    "de-identification boundary). Malformed lines go to `raw.quarantine` with file, line and reason.",
+    description="FHIR R4 Bulk Data NDJSON (from a Bulk Data server, a folder, or the synthetic "
+    "generator) landed as raw tables keyed by resource id (schema `raw`, PHI: inside the "
+    "de-identification boundary). Malformed lines go to `raw.quarantine` with file, line and reason; "
+    "an incremental export upserts and applies its deletions.",
     check_specs=[AssetCheckSpec("lines_reconcile", asset="raw_fhir",
                                 description="Every line read is either loaded or quarantined.")],
 )
 def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse: DuckDBWarehouse) -> MaterializeResult:
     context.log.info(f"Landing FHIR NDJSON from {fhir_source.describe()}")
-    directory = fhir_source.export_directory()
+    batch = fhir_source.fetch(log=context.log.info)
     with warehouse.connect() as con:
-        report = land_ndjson(con, directory)
+        report = land_ndjson(con, batch.directory, mode=batch.mode)
+    metadata = {
+        "source": fhir_source.describe(),
+        "mode": report.mode,
+        "lines_read": report.lines_read,
+        "loaded": report.loaded,
+        "quarantined": report.quarantined,
+        "deleted": report.deleted,
+        "server_errors": report.export_errors,
+        "resources_by_type": counts_table(report.loaded_by_type, "resource type", "rows"),
+        "quarantine_reasons": counts_table(report.quarantined_by_reason, "reason", "lines"),
+        "files": MetadataValue.json(report.files),
+        "skipped_files": MetadataValue.json(report.skipped_files),
+    }
+    if batch.export is not None:
+        fhir_source.record_landed_export(batch.export)
+        metadata["export_transaction_time"] = batch.export.transaction_time
+        metadata["export_files"] = MetadataValue.json(
+            [{"type": f.resource_type, "kind": f.kind, "sha256": f.sha256, "bytes": f.bytes} for f in batch.export.files])
     return MaterializeResult(
-        metadata={
-            "source": fhir_source.describe(),
-            "lines_read": report.lines_read,
-            "loaded": report.loaded,
-            "quarantined": report.quarantined,
-            "resources_by_type": counts_table(report.loaded_by_type, "resource type", "rows"),
-            "quarantine_reasons": counts_table(report.quarantined_by_reason, "reason", "lines"),
-            "files": MetadataValue.json(report.files),
-            "skipped_files": MetadataValue.json(report.skipped_files),
-        },
+        metadata=metadata,
         check_results=[AssetCheckResult(
             check_name="lines_reconcile", passed=report.reconciles,
             metadata={"lines_read": report.lines_read, "loaded": report.loaded, "quarantined": report.quarantined},

@@ -41,7 +41,8 @@ def record_hash(previous_hash: str, body_json: bytes) -> str:
 
 
 def table_hash(con: duckdb.DuckDBPyConnection, table: str) -> str:
-    """Order-independent SHA-256 of a table's rows (row digests bucketed, then combined)."""
+    """Order-independent SHA-256 of the rows of ``table`` (a table name or a parenthesized
+    query): row digests are bucketed, then combined."""
     rows = con.execute(
         f"""WITH h AS (SELECT md5(CAST(t AS VARCHAR)) AS d FROM {table} AS t)
             SELECT left(d, 2) AS bucket, sha256(string_agg(d, '' ORDER BY d)) FROM h GROUP BY bucket ORDER BY bucket"""
@@ -106,7 +107,9 @@ def collect_pipeline_facts(con: duckdb.DuckDBPyConnection) -> dict:
     """What an audit record states about the warehouse now: hashes of inputs and outputs,
     de-identification counts, the model (version, MLflow run, data hash), validation results
     and the latest drift report. No identifier values: counts, hashes and codes only."""
-    raw_hashes = {t: table_hash(con, t) for t in _tables(con, "raw") if t != "raw.quarantine"}
+    # Raw content only (id and resource), not landing bookkeeping such as the landing id.
+    raw_hashes = {t: table_hash(con, f"(SELECT id, resource FROM {t})") for t in _tables(con, "raw")
+                  if t.split(".")[1] not in ("quarantine", "landing_files", "export_errors")}
     deid_hashes = {t: table_hash(con, t) for t in _tables(con, "deid")}
     model = con.execute(
         """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, metrics

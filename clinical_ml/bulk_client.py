@@ -1,0 +1,435 @@
+"""FHIR Bulk Data Access (v2) client: kick-off, status polling, manifest, downloads.
+
+- Kick-off at system, Patient or Group level with ``_type``, ``_since`` and ``_outputFormat``.
+- Polling honours ``Retry-After`` (delta-seconds or HTTP-date, clamped to a sane range) and
+  logs ``X-Progress``, under an overall deadline.
+- 429, 5xx and connection errors are retried with exponential backoff and full jitter (or the
+  server's Retry-After); other 4xx raise ``BulkDataError`` carrying the OperationOutcome text.
+- Downloads stream to ``<name>.part`` (never whole files in memory), several at once, gzip
+  accepted, and are renamed into place only when complete, with SHA-256 recorded. A rerun
+  resumes an unfinished export (same status URL) and skips files already complete and verified.
+- SMART Backend Services: a client-credentials grant with a signed JWT assertion (RS384 or
+  ES384); the token is cached, refreshed before expiry, and once more on a 401.
+- Interrupting an export (Ctrl-C, a cancelled Dagster run) sends DELETE to the status URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Callable, Literal
+from urllib.parse import urlencode
+
+import httpx
+import jwt
+
+FHIR_JSON = "application/fhir+json"
+NDJSON_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+STATE_FILE = "_export_state.json"
+
+
+class BulkDataError(RuntimeError):
+    """A request the server refused; the message carries its OperationOutcome diagnostics."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def operation_outcome_text(response: httpx.Response) -> str:
+    """The diagnostics of an OperationOutcome body, or a short excerpt of whatever came back."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        parts = [i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code", "")
+                 for i in body.get("issue", [])]
+        return "; ".join(p for p in parts if p) or "OperationOutcome without diagnostics"
+    if isinstance(body, dict) and "error" in body:  # OAuth error response
+        return f"{body['error']}: {body.get('error_description', '')}".strip()
+    return json.dumps(body)[:300]
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None,
+                      minimum: float = 1.0, maximum: float = 120.0) -> float | None:
+    """Seconds to wait from a Retry-After header, clamped to [minimum, maximum].
+
+    Absurd values (days) are capped so a misbehaving server cannot stall a run; past dates
+    and negative numbers become the minimum; unparseable values give None (use backoff)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    return min(max(seconds, minimum), maximum)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    level: Literal["system", "patient", "group"] = "system"
+    group_id: str | None = None
+    types: tuple[str, ...] = ()
+    since: str | None = None
+    output_format: str = "application/fhir+ndjson"
+
+    def path(self) -> str:
+        if self.level == "patient":
+            return "Patient/$export"
+        if self.level == "group":
+            if not self.group_id:
+                raise ValueError("a Group-level export needs a group id")
+            return f"Group/{self.group_id}/$export"
+        return "$export"
+
+    def params(self) -> dict[str, str]:
+        params = {"_outputFormat": self.output_format}
+        if self.types:
+            params["_type"] = ",".join(self.types)
+        if self.since:
+            params["_since"] = self.since
+        return params
+
+
+class SmartBackendAuth:
+    """SMART Backend Services (client-credentials with a private-key JWT assertion)."""
+
+    def __init__(self, client_id: str, private_key_pem: str | bytes, token_url: str | None = None,
+                 scope: str = "system/*.read", algorithm: str | None = None, refresh_margin_s: float = 60.0):
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        self.client_id = client_id
+        self.token_url = token_url
+        self.scope = scope
+        self.refresh_margin_s = refresh_margin_s
+        pem = private_key_pem.encode() if isinstance(private_key_pem, str) else private_key_pem
+        self._key = load_pem_private_key(pem, password=None)
+        if algorithm is None:
+            if isinstance(self._key, rsa.RSAPrivateKey):
+                algorithm = "RS384"
+            elif isinstance(self._key, ec.EllipticCurvePrivateKey):
+                algorithm = "ES384"
+            else:
+                raise ValueError("SMART Backend Services needs an RSA (RS384) or EC P-384 (ES384) private key")
+        self.algorithm = algorithm
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def from_setting(client_id: str, private_key: str, **kwargs) -> "SmartBackendAuth":
+        """``private_key`` is a PEM string or the path of a PEM file."""
+        pem = private_key if "-----BEGIN" in private_key else Path(private_key).read_text()
+        return SmartBackendAuth(client_id, pem, **kwargs)
+
+    def discover(self, http: httpx.Client, base_url: str) -> None:
+        if self.token_url:
+            return
+        response = http.get(f"{base_url}/.well-known/smart-configuration", headers={"Accept": "application/json"})
+        if response.status_code != 200:
+            raise BulkDataError(f"SMART configuration discovery failed ({response.status_code}): "
+                                f"{operation_outcome_text(response)}", response.status_code)
+        self.token_url = response.json()["token_endpoint"]
+
+    def assertion(self) -> str:
+        now = int(time.time())
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+                  "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())}
+        return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"typ": "JWT"})
+
+    def token(self, http: httpx.Client, force_refresh: bool = False) -> str:
+        with self._lock:
+            if not force_refresh and self._token and time.time() < self._expires_at - self.refresh_margin_s:
+                return self._token
+            response = http.post(self.token_url, data={
+                "grant_type": "client_credentials",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": self.assertion(),
+                "scope": self.scope,
+            }, headers={"Accept": "application/json"})
+            if response.status_code != 200:
+                raise BulkDataError(f"token request refused ({response.status_code}): "
+                                    f"{operation_outcome_text(response)}", response.status_code)
+            body = response.json()
+            self._token = body["access_token"]
+            self._expires_at = time.time() + float(body.get("expires_in", 300))
+            return self._token
+
+
+@dataclass
+class DownloadedFile:
+    kind: Literal["output", "deleted", "error"]
+    resource_type: str
+    url: str
+    path: str
+    sha256: str
+    bytes: int
+    skipped_as_complete: bool = False
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    transaction_time: str
+    request_url: str
+    files: list[DownloadedFile] = field(default_factory=list)
+    resumed: bool = False
+
+    def count(self, kind: str) -> int:
+        return sum(1 for f in self.files if f.kind == kind)
+
+
+class BulkDataClient:
+    def __init__(
+        self,
+        base_url: str,
+        auth: SmartBackendAuth | None = None,
+        *,
+        overall_timeout_s: float = 6 * 3600,
+        request_timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        retry_after_bounds: tuple[float, float] = (1.0, 120.0),
+        max_parallel_downloads: int = 4,
+        log: Callable[[str], None] = lambda message: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.auth = auth
+        self.overall_timeout_s = overall_timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.retry_after_bounds = retry_after_bounds
+        self.max_parallel_downloads = max_parallel_downloads
+        self.log = log
+        self.sleep = sleep
+        self.http = httpx.Client(timeout=request_timeout_s, follow_redirects=True,
+                                 limits=httpx.Limits(max_connections=max_parallel_downloads + 2))
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "BulkDataClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one request with auth, retries and clear errors --------------------------------------
+    def _headers(self, extra: dict | None, with_auth: bool, force_refresh: bool = False) -> dict:
+        headers = dict(extra or {})
+        if with_auth and self.auth is not None:
+            self.auth.discover(self.http, self.base_url)
+            headers["Authorization"] = f"Bearer {self.auth.token(self.http, force_refresh)}"
+        return headers
+
+    def _backoff(self, attempt: int) -> float:
+        return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
+
+    def _wait_before_retry(self, attempt: int, response: httpx.Response | None, what: str) -> None:
+        delay = parse_retry_after(response.headers.get("Retry-After") if response is not None else None,
+                                  minimum=self.retry_after_bounds[0], maximum=self.retry_after_bounds[1])
+        delay = self._backoff(attempt) if delay is None else delay
+        self.log(f"{what}: retrying in {delay:.1f}s (attempt {attempt + 1} of {self.max_retries})")
+        self.sleep(delay)
+
+    def request(self, method: str, url: str, *, headers: dict | None = None, with_auth: bool = True,
+                params: dict | None = None, accept_status: tuple[int, ...] = (200,)) -> httpx.Response:
+        """A request whose status is in ``accept_status``, after retries; else BulkDataError."""
+        refreshed = False
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.http.request(method, url, params=params,
+                                             headers=self._headers(headers, with_auth))
+            except httpx.TransportError as err:
+                if attempt == self.max_retries:
+                    raise BulkDataError(f"{method} {url}: connection failed after {attempt + 1} attempts: {err}") from err
+                self._wait_before_retry(attempt, None, f"{method} {url}: {type(err).__name__}")
+                continue
+            if response.status_code in accept_status:
+                return response
+            if response.status_code == 401 and with_auth and self.auth is not None and not refreshed:
+                refreshed = True  # expired or revoked token: get a new one once, then retry
+                self.auth.token(self.http, force_refresh=True)
+                continue
+            if response.status_code in RETRYABLE_STATUS and attempt < self.max_retries:
+                self._wait_before_retry(attempt, response, f"{method} {url}: HTTP {response.status_code}")
+                continue
+            raise BulkDataError(f"{method} {url} failed with HTTP {response.status_code}: "
+                                f"{operation_outcome_text(response)}", response.status_code)
+        raise AssertionError("unreachable")
+
+    # -- the export flow ---------------------------------------------------------------------
+    def kickoff(self, export: ExportRequest) -> str:
+        url = f"{self.base_url}/{export.path()}"
+        response = self.request("GET", url, params=export.params(), accept_status=(202,),
+                                headers={"Accept": FHIR_JSON, "Prefer": "respond-async"})
+        status_url = response.headers.get("Content-Location")
+        if not status_url:
+            raise BulkDataError("kick-off accepted without a Content-Location status URL", 202)
+        self.log(f"export started: {export.path()} {export.params()}")
+        return status_url
+
+    def poll(self, status_url: str, deadline: float) -> dict:
+        """Wait for the manifest, honouring Retry-After between polls."""
+        while True:
+            if time.monotonic() > deadline:
+                raise BulkDataError(f"export not complete within {self.overall_timeout_s:.0f}s: {status_url}")
+            response = self.request("GET", status_url, accept_status=(200, 202), headers={"Accept": "application/json"})
+            if response.status_code == 200:
+                return response.json()
+            progress = response.headers.get("X-Progress")
+            delay = parse_retry_after(response.headers.get("Retry-After"), minimum=self.retry_after_bounds[0],
+                                      maximum=self.retry_after_bounds[1])
+            delay = self.retry_after_bounds[0] if delay is None else delay
+            self.log(f"export in progress{f' ({progress})' if progress else ''}; next poll in {delay:.0f}s")
+            self.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+
+    def cancel(self, status_url: str) -> None:
+        try:
+            self.request("DELETE", status_url, accept_status=(200, 202, 204, 404))
+            self.log("export cancelled on the server")
+        except BulkDataError as err:  # cancelling is best effort; the original error matters more
+            self.log(f"could not cancel the export: {err}")
+
+    def _download(self, kind: str, rtype: str, url: str, target: Path, requires_token: bool,
+                  known: dict[str, dict]) -> DownloadedFile:
+        record = known.get(url)
+        if record and target.exists() and _sha256_file(target) == record["sha256"]:
+            return DownloadedFile(kind, rtype, url, str(target), record["sha256"], target.stat().st_size, True)
+        partial = target.with_name(target.name + ".part")
+        for attempt in range(self.max_retries + 1):
+            digest, size = hashlib.sha256(), 0
+            try:
+                headers = self._headers({"Accept": "application/fhir+ndjson", "Accept-Encoding": "gzip"}, requires_token)
+                with self.http.stream("GET", url, headers=headers) as response:
+                    if response.status_code == 401 and requires_token and self.auth is not None:
+                        self.auth.token(self.http, force_refresh=True)
+                        raise httpx.ReadError("token expired during download")
+                    if response.status_code != 200:
+                        if response.status_code in RETRYABLE_STATUS and attempt < self.max_retries:
+                            response.read()
+                            self._wait_before_retry(attempt, response, f"download {target.name}: HTTP {response.status_code}")
+                            continue
+                        response.read()
+                        raise BulkDataError(f"download of {url} failed with HTTP {response.status_code}: "
+                                            f"{operation_outcome_text(response)}", response.status_code)
+                    with open(partial, "wb") as handle:
+                        for chunk in response.iter_bytes(1 << 20):  # decompressed, streamed
+                            handle.write(chunk)
+                            digest.update(chunk)
+                            size += len(chunk)
+            except httpx.TransportError as err:  # dropped connection, incomplete body, timeout
+                if attempt == self.max_retries:
+                    raise BulkDataError(f"download of {url} failed after {attempt + 1} attempts: {err}") from err
+                self._wait_before_retry(attempt, None, f"download {target.name}: {type(err).__name__}")
+                continue
+            partial.replace(target)
+            return DownloadedFile(kind, rtype, url, str(target), digest.hexdigest(), size)
+        raise AssertionError("unreachable")
+
+    def export(self, export: ExportRequest, directory: str | Path) -> ExportResult:
+        """Run (or resume) an export into ``directory``: outputs as ``<Type>.<nnn>.ndjson``,
+        deletions under ``deleted/``, server errors under ``error/``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state_path = directory / STATE_FILE
+        request_key = json.dumps({"base": self.base_url, "path": export.path(), "params": export.params()}, sort_keys=True)
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        resumed = state.get("request_key") == request_key and not state.get("complete")
+        if not resumed:
+            for old in directory.iterdir():  # a new export never mixes with an older one's files
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            state = {"request_key": request_key, "status_url": None, "manifest": None, "files": {}, "complete": False}
+        deadline = time.monotonic() + self.overall_timeout_s
+        status_url = state.get("status_url")
+        try:
+            if not status_url:
+                status_url = self.kickoff(export)
+                state["status_url"] = status_url
+                _write_json(state_path, state)
+            manifest = state.get("manifest") or self.poll(status_url, deadline)
+            state["manifest"] = manifest
+            _write_json(state_path, state)
+            result = self._download_all(manifest, directory, state, state_path)
+        except Exception:
+            raise  # keep the state: the next run resumes this export
+        except BaseException:
+            if status_url and not state.get("complete"):
+                self.cancel(status_url)  # interrupted on purpose: free the server's work
+                state_path.unlink(missing_ok=True)
+            raise
+        state["complete"] = True
+        _write_json(state_path, state)
+        result.resumed = resumed
+        return result
+
+    def _download_all(self, manifest: dict, directory: Path, state: dict, state_path: Path) -> ExportResult:
+        requires_token = bool(manifest.get("requiresAccessToken"))
+        jobs = []
+        for kind, sub in (("output", ""), ("deleted", "deleted"), ("error", "error")):
+            counters: dict[str, int] = {}
+            for item in manifest.get(kind, []) or []:
+                rtype = item.get("type", "Unknown")
+                n = counters.get(rtype, 0)
+                counters[rtype] = n + 1
+                target = directory / sub / f"{rtype}.{n:03d}.ndjson"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                jobs.append((kind, rtype, item["url"], target))
+        lock = threading.Lock()
+
+        def run(job) -> DownloadedFile:
+            done = self._download(*job[:4], requires_token, state["files"])
+            with lock:  # record each verified file at once, so a crash later keeps it
+                state["files"][done.url] = {"sha256": done.sha256, "path": done.path}
+                _write_json(state_path, state)
+            return done
+
+        with ThreadPoolExecutor(max_workers=self.max_parallel_downloads) as pool:
+            files = list(pool.map(run, jobs))
+        self.log(f"downloaded {sum(not f.skipped_as_complete for f in files)} files, "
+                 f"{sum(f.skipped_as_complete for f in files)} already complete")
+        return ExportResult(directory=directory, transaction_time=manifest.get("transactionTime", ""),
+                            request_url=manifest.get("request", ""), files=files)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
+
+
+def result_summary(result: ExportResult) -> dict:
+    return {"transaction_time": result.transaction_time, "request": result.request_url, "resumed": result.resumed,
+            "files": [asdict(f) for f in result.files]}

@@ -4,10 +4,11 @@ Every line read ends up in exactly one place: a raw table (``raw.<resource_type>
 resource id) or the quarantine (``raw.quarantine``, with file, line number and reason). The
 whole landing is one transaction: a failure leaves the previous tables untouched.
 
-Speed: a clean file is read by DuckDB's own NDJSON reader (``read_ndjson_objects ... WITH
-ORDINALITY``: parallel C++, exact line numbers). Only a file DuckDB rejects (a malformed or
-non-UTF-8 line) or one with blank lines is split line by line in Python, so each bad line can be
-quarantined with its own reason. Classification is one JSON key extraction per line, in SQL.
+Speed and memory: a clean file is read by DuckDB's own NDJSON reader (``read_ndjson_objects
+... WITH ORDINALITY``: parallel C++, exact line numbers) straight into an on-disk staging table
+shaped like the raw table, one file at a time; a full export then swaps the staging tables in by
+rename (no copy). Only a file DuckDB rejects (a malformed or non-UTF-8 line) or one with blank
+lines is split line by line in Python, so each bad line can be quarantined with its own reason.
 
 A directory may also hold what a Bulk Data export's manifest points to besides outputs:
 ``deleted/*.ndjson`` (Bundles of DELETE entries, applied to the raw tables) and
@@ -41,7 +42,6 @@ CORE_RESOURCE_TYPES = (
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a single resource larger than this is quarantined
 _CHUNK_BYTES = 64 * 1024 * 1024
 _RESOURCE_FILE = re.compile(r"^([A-Z][A-Za-z]+)(?:\.[^.]+)*\.ndjson$")
-_BOOKKEEPING = ("quarantine", "landing_files", "export_errors")
 
 Mode = Literal["replace", "merge"]
 
@@ -86,41 +86,67 @@ def resource_files(ndjson_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]
     return found, skipped
 
 
-_STAGING_DDL = """
-CREATE OR REPLACE TEMP TABLE landing_lines (
-    source_file VARCHAR, expected_type VARCHAR, line_no BIGINT,
-    doc JSON,        -- the parsed resource (NULL when the line is not valid JSON)
-    text VARCHAR,    -- the raw line, kept only for lines read one by one
-    utf8_ok BOOLEAN,
-    keys VARCHAR[],  -- [resourceType, id], extracted once while staging
-    reason VARCHAR   -- NULL: the line loads
-)
-"""
 _KEYS = "['$.resourceType', '$.id']"
+_STAGE_PREFIX = "__landing_"
 
 
-def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, rtype: str, path: Path) -> bool:
-    """Fast path: DuckDB reads and parses the file. False when it needs line-by-line reading."""
+def _stage(schema: str, name: str) -> str:
+    return f'{schema}."{_STAGE_PREFIX}{name}"'
+
+
+def _object_reason(resource_type: str) -> str:
+    """Why a parsed line (``doc``, ``keys``) does not load, or NULL when it does. The type is
+    inlined as a literal: it comes from a file name matched by ``[A-Z][A-Za-z]+``."""
+    expected = f"'{resource_type}'"
+    return f"""CASE
+        WHEN keys[1] IS NOT DISTINCT FROM {expected} AND coalesce(keys[2], '') <> '' THEN NULL
+        WHEN json_type(doc) <> 'OBJECT' THEN 'not a JSON object'
+        WHEN coalesce(keys[1], '') = '' THEN 'missing resourceType'
+        WHEN keys[1] <> {expected} THEN 'resourceType does not match file type ' || {expected}
+        ELSE 'missing id' END"""
+
+
+def _create_stages(con: duckdb.DuckDBPyConnection, schema: str, types: list[str]) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    for rtype in types:
+        con.execute(f"""CREATE OR REPLACE TABLE {_stage(schema, table_name(rtype))} (
+            id VARCHAR, resource JSON, source_file VARCHAR, line_no BIGINT, landing_id VARCHAR, reason VARCHAR)""")
+    con.execute(f"""CREATE OR REPLACE TABLE {_stage(schema, 'quarantine')} (landing_id VARCHAR, source_file VARCHAR,
+                    line_no BIGINT, resource_type VARCHAR, reason VARCHAR, line VARCHAR)""")
+
+
+def _drop_stages(con: duckdb.DuckDBPyConnection, schema: str) -> None:
+    for (name,) in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND starts_with(table_name, ?)",
+        [schema, _STAGE_PREFIX]).fetchall():
+        con.execute(f'DROP TABLE IF EXISTS {schema}."{name}"')
+
+
+def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, path: Path, landing_id: str) -> bool:
+    """Fast path: DuckDB reads and parses the file into the staging table. False when the file
+    needs line-by-line reading (nothing of it is then left staged)."""
+    stage = _stage(schema, table_name(rtype))
     try:
         con.execute(
-            f"""INSERT INTO landing_lines
-                SELECT ?, ?, ordinality, json, NULL, true, json_extract_string(json, {_KEYS}), NULL
-                FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}) WITH ORDINALITY""",
-            [path.name, rtype, str(path)],
+            f"""INSERT INTO {stage}
+                SELECT keys[2], doc, ?, line_no, ?, {_object_reason(rtype)}
+                FROM (SELECT json AS doc, ordinality AS line_no, json_extract_string(json, {_KEYS}) AS keys
+                      FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}) WITH ORDINALITY)""",
+            [path.name, landing_id, str(path)],
         )
     except duckdb.InvalidInputException:
-        return False  # a malformed, non-UTF-8 or oversize line somewhere in the file
+        return False  # a malformed, non-UTF-8 or oversize line somewhere: the insert did not happen
     # DuckDB skips blank lines, which would shift its numbering. It keeps each object's text
     # byte for byte, so the staged bytes plus one newline per line add up to the file size
     # exactly when there are none (also catching CRLF endings and padded lines).
     rows, text_bytes = con.execute(
-        "SELECT count(*), coalesce(sum(strlen(doc)), 0) FROM landing_lines WHERE source_file = ?", [path.name]
+        f"SELECT count(*), coalesce(sum(strlen(resource)), 0) FROM {stage} WHERE source_file = ?", [path.name]
     ).fetchone()
     with open(path, "rb") as handle:
         handle.seek(max(path.stat().st_size - 1, 0))
         newlines = rows if handle.read(1) == b"\n" else rows - 1
     if path.stat().st_size != text_bytes + newlines:
-        con.execute("DELETE FROM landing_lines WHERE source_file = ?", [path.name])
+        con.execute(f"DELETE FROM {stage} WHERE source_file = ?", [path.name])
         return False
     return True
 
@@ -156,81 +182,86 @@ def _decode(pieces: list[bytes]) -> tuple[list[str], list[bool]]:
         return lines, ok
 
 
-def _stage_line_by_line(con: duckdb.DuckDBPyConnection, rtype: str, path: Path) -> None:
+def _stage_line_by_line(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, path: Path, landing_id: str) -> None:
+    stage, quarantine = _stage(schema, table_name(rtype)), _stage(schema, "quarantine")
     for first_line, pieces in _split_lines(path):
         lines, ok = _decode(pieces)
-        batch = pa.table({
+        con.register("landing_batch", pa.table({
             "line_no": pa.array(range(first_line, first_line + len(lines)), pa.int64()),
             "line": pa.array(lines, pa.large_string()),
             "utf8_ok": pa.array(ok, pa.bool_()),
-        })
-        con.register("landing_batch", batch)
+        }))
         con.execute(
-            f"""INSERT INTO landing_lines
-                SELECT ?, ?, line_no, doc, line, utf8_ok, CASE WHEN doc IS NOT NULL THEN json_extract_string(doc, {_KEYS}) END, NULL
-                FROM (SELECT *, CASE WHEN utf8_ok AND strlen(line) <= {MAX_LINE_BYTES} THEN TRY_CAST(line AS JSON) END AS doc
-                      FROM landing_batch)""",
-            [path.name, rtype])
+            f"""CREATE OR REPLACE TEMP TABLE landing_parsed AS
+                SELECT *, CASE WHEN doc IS NOT NULL THEN json_extract_string(doc, {_KEYS}) END AS keys
+                FROM (SELECT *, CASE WHEN utf8_ok AND strlen(line) <= {MAX_LINE_BYTES}
+                                     THEN TRY_CAST(line AS JSON) END AS doc FROM landing_batch)""")
         con.unregister("landing_batch")
-
-
-def _classify(con: duckdb.DuckDBPyConnection) -> None:
-    """Give every line that does not load its reason (set-based; the common case is untouched)."""
-    con.execute(
-        f"""UPDATE landing_lines SET reason = CASE
-                WHEN NOT utf8_ok THEN 'invalid UTF-8'
-                WHEN strlen(text) > {MAX_LINE_BYTES} THEN 'line longer than {MAX_LINE_BYTES} bytes'
-                WHEN trim(coalesce(text, 'x')) = '' THEN 'empty line'
-                WHEN doc IS NULL THEN 'invalid JSON'
-                WHEN json_type(doc) <> 'OBJECT' THEN 'not a JSON object'
-                WHEN coalesce(keys[1], '') = '' THEN 'missing resourceType'
-                WHEN keys[1] <> expected_type THEN 'resourceType does not match file type ' || expected_type
-                ELSE 'missing id' END
-            WHERE NOT (keys[1] IS NOT DISTINCT FROM expected_type AND coalesce(keys[2], '') <> '')"""
-    )
-    # Duplicate ids are rare: look for them with a hash aggregate, sort only when there are some.
-    has_duplicates = con.execute(
-        """SELECT count(*) > 0 FROM (SELECT 1 FROM landing_lines WHERE reason IS NULL
-                                    GROUP BY expected_type, keys[2] HAVING count(*) > 1)""").fetchone()[0]
-    if has_duplicates:
         con.execute(
-            """UPDATE landing_lines SET reason = 'duplicate id (first occurrence kept)'
-               FROM (SELECT source_file, line_no, row_number() OVER (
-                         PARTITION BY expected_type, keys[2] ORDER BY source_file, line_no) AS occurrence
-                     FROM landing_lines WHERE reason IS NULL) d
-               WHERE d.occurrence > 1 AND landing_lines.source_file = d.source_file
-                 AND landing_lines.line_no = d.line_no""")
+            f"""INSERT INTO {stage} SELECT keys[2], doc, ?, line_no, ?, NULL FROM landing_parsed
+                WHERE coalesce(doc IS NOT NULL AND keys[1] = ? AND coalesce(keys[2], '') <> '', false)""",
+            [path.name, landing_id, rtype])
+        con.execute(
+            f"""INSERT INTO {quarantine}
+                SELECT ?, ?, line_no, ?, CASE
+                    WHEN NOT utf8_ok THEN 'invalid UTF-8'
+                    WHEN strlen(line) > {MAX_LINE_BYTES} THEN 'line longer than {MAX_LINE_BYTES} bytes'
+                    WHEN trim(line) = '' THEN 'empty line'
+                    WHEN doc IS NULL THEN 'invalid JSON'
+                    ELSE {_object_reason(rtype)} END, line
+                FROM landing_parsed
+                WHERE NOT coalesce(doc IS NOT NULL AND keys[1] = ? AND coalesce(keys[2], '') <> '', false)""",
+            [landing_id, path.name, rtype, rtype])
+    con.execute("DROP TABLE IF EXISTS landing_parsed")
 
 
-def _validation_failures(con: duckdb.DuckDBPyConnection, validate: str, sample_size: int) -> None:
-    """Quarantine resources that fail the fhir.resources R4B model of their type.
+def _settle_stage(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, landing_id: str) -> None:
+    """Move the staged lines that do not load (bad objects, duplicate ids) to the quarantine.
+    Both are rare, so each is first looked for with a cheap scan or hash aggregate."""
+    stage, quarantine = _stage(schema, table_name(rtype)), _stage(schema, "quarantine")
+    if con.execute(f"SELECT count(*) FROM {stage} WHERE reason IS NOT NULL").fetchone()[0]:
+        con.execute(f"""INSERT INTO {quarantine} SELECT ?, source_file, line_no, ?, reason, resource::VARCHAR
+                        FROM {stage} WHERE reason IS NOT NULL""", [landing_id, rtype])
+        con.execute(f"DELETE FROM {stage} WHERE reason IS NOT NULL")
+    if con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {stage} GROUP BY id HAVING count(*) > 1)").fetchone()[0]:
+        con.execute(
+            f"""UPDATE {stage} SET reason = 'duplicate id (first occurrence kept)'
+                FROM (SELECT source_file, line_no, row_number() OVER (
+                          PARTITION BY id ORDER BY source_file, line_no) AS occurrence FROM {stage}) d
+                WHERE d.occurrence > 1 AND {stage}.source_file = d.source_file AND {stage}.line_no = d.line_no""")
+        _settle_stage(con, schema, rtype, landing_id)
+
+
+def _validation_failures(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, validate: str,
+                         sample_size: int) -> None:
+    """Mark staged resources that fail the fhir.resources R4B model of their type.
 
     The reason names the failing element and error type, never the value (values can be PHI,
     and reasons are shown as metadata)."""
     from fhir.resources.R4B import get_fhir_model_class
     from pydantic import ValidationError
 
+    stage = _stage(schema, table_name(rtype))
     limit = "" if validate == "all" else f"USING SAMPLE {int(sample_size)} ROWS (reservoir, 42)"
-    rows = con.execute(
-        f"""SELECT source_file, line_no, expected_type, doc::VARCHAR FROM (
-                SELECT * FROM landing_lines WHERE reason IS NULL {limit})"""
-    ).fetchall()
+    rows = con.execute(f"SELECT source_file, line_no, resource::VARCHAR FROM (SELECT * FROM {stage} {limit})").fetchall()
+    try:
+        model = get_fhir_model_class(rtype)
+    except KeyError:
+        return  # not an R4B resource type we can check; the structural checks still applied
     failures = []
-    for source_file, line_no, rtype, line in rows:
+    for source_file, line_no, text in rows:
         try:
-            get_fhir_model_class(rtype).model_validate_json(line)
-        except (ValidationError, KeyError, ValueError) as err:
-            detail = "unknown resource type"
-            if isinstance(err, ValidationError) and err.errors():
-                first = err.errors()[0]
-                detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['type']}"
+            model.model_validate_json(text)
+        except ValidationError as err:
+            first = err.errors()[0] if err.errors() else {"loc": (), "type": "invalid"}
+            detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['type']}"
             failures.append((source_file, line_no, f"FHIR R4B validation failed at {detail}"[:200]))
     if failures:
         con.register("validation_failures", pa.table({
             "source_file": [f[0] for f in failures], "line_no": [f[1] for f in failures],
             "reason": [f[2] for f in failures]}))
-        con.execute("""UPDATE landing_lines SET reason = v.reason FROM validation_failures v
-                       WHERE landing_lines.source_file = v.source_file AND landing_lines.line_no = v.line_no""")
+        con.execute(f"""UPDATE {stage} SET reason = v.reason FROM validation_failures v
+                        WHERE {stage}.source_file = v.source_file AND {stage}.line_no = v.line_no""")
         con.unregister("validation_failures")
 
 
@@ -247,6 +278,15 @@ def read_deleted(ndjson_dir: Path) -> list[tuple[str, str]]:
                 if request.get("method") == "DELETE" and len(parts) >= 2:
                     deleted.append((parts[-2], parts[-1]))
     return deleted
+
+
+def _read_export_errors(ndjson_dir: Path) -> list[tuple[str, str]]:
+    error_dir = ndjson_dir / "error"
+    out = []
+    for path in sorted(error_dir.glob("*.ndjson")) if error_dir.is_dir() else []:
+        out += [(path.name, line.decode("utf-8", errors="replace"))
+                for line in path.read_bytes().splitlines() if line.strip()]
+    return out
 
 
 def land_ndjson(
@@ -269,49 +309,64 @@ def land_ndjson(
     files, skipped = resource_files(ndjson_dir)
     report = LandingReport(landing_id=str(uuid.uuid4()), mode=mode, files=[p.name for _, p in files],
                            skipped_files=[p.name for p in skipped])
+    deleted = read_deleted(ndjson_dir)
+    errors = _read_export_errors(ndjson_dir)
+    types = sorted({t for t, _ in files} | set(CORE_RESOURCE_TYPES) | {t for t, _ in deleted})
 
-    con.execute(_STAGING_DDL)
+    _drop_stages(con, schema)  # leftovers of a crashed landing
     try:
+        _create_stages(con, schema, types)
         for rtype, path in files:
-            if not _stage_with_duckdb(con, rtype, path):
+            if not _stage_with_duckdb(con, schema, rtype, path, report.landing_id):
                 report.files_read_line_by_line.append(path.name)
-                _stage_line_by_line(con, rtype, path)
-        _classify(con)
-        if validate != "none":
-            _validation_failures(con, validate, validation_sample_size)
-        deleted = read_deleted(ndjson_dir)
-        errors = _read_export_errors(ndjson_dir)
-        types = sorted({t for t, _ in files} | set(CORE_RESOURCE_TYPES) | {t for t, _ in deleted})
+                _stage_line_by_line(con, schema, rtype, path, report.landing_id)
+        for rtype in types:
+            if validate != "none":
+                _validation_failures(con, schema, rtype, validate, validation_sample_size)
+            _settle_stage(con, schema, rtype, report.landing_id)
+            con.execute(f"ALTER TABLE {_stage(schema, table_name(rtype))} DROP COLUMN reason")
+        _count_files(con, schema, types, report.landing_id)
         with transaction(con):
-            report.deleted = _write_raw_tables(con, schema, types, mode, deleted, report.landing_id)
-            _write_bookkeeping(con, schema, mode, report.landing_id, errors)
+            report.deleted = _commit_raw_tables(con, schema, types, mode, deleted)
+            _commit_bookkeeping(con, schema, mode, report.landing_id, errors)
     finally:
-        for temp in ("landing_lines",):
-            con.execute(f"DROP TABLE IF EXISTS {temp}")
+        _drop_stages(con, schema)
+        con.execute("DROP TABLE IF EXISTS landing_file_counts")
     return _fill_report(con, schema, types, report, len(errors))
 
 
-def _write_raw_tables(con, schema: str, types: list[str], mode: Mode, deleted: list[tuple[str, str]],
-                      landing_id: str) -> int:
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+def _count_files(con: duckdb.DuckDBPyConnection, schema: str, types: list[str], landing_id: str) -> None:
+    loaded = " UNION ALL ".join(
+        f"SELECT source_file, '{t}' AS resource_type, count(*) AS n FROM {_stage(schema, table_name(t))} GROUP BY source_file"
+        for t in types)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE landing_file_counts AS
+            WITH loaded AS ({loaded}),
+                 quarantined AS (SELECT source_file, resource_type, count(*) AS n
+                                 FROM {_stage(schema, 'quarantine')} GROUP BY ALL)
+            SELECT ? AS landing_id, source_file, resource_type,
+                   coalesce(l.n, 0) + coalesce(q.n, 0) AS lines_read, coalesce(l.n, 0) AS loaded,
+                   coalesce(q.n, 0) AS quarantined
+            FROM loaded l FULL OUTER JOIN quarantined q USING (source_file, resource_type)
+            ORDER BY source_file""", [landing_id])
+
+
+def _commit_raw_tables(con, schema: str, types: list[str], mode: Mode, deleted: list[tuple[str, str]]) -> int:
     existing = {t for (t,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND NOT temporary", [schema]).fetchall()}
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND NOT starts_with(table_name, ?)",
+        [schema, _STAGE_PREFIX]).fetchall()}
     if mode == "replace":
         for old in existing:
             con.execute(f'DROP TABLE {schema}."{old}"')
         existing = set()
-    new_rows = """SELECT keys[2] AS id, doc AS resource, source_file, line_no, ? AS landing_id
-                  FROM landing_lines WHERE reason IS NULL AND expected_type = ?"""
     for rtype in types:
-        table = f"{schema}.{table_name(rtype)}"
-        if table_name(rtype) not in existing:
-            con.execute(f"CREATE TABLE {table} AS {new_rows} ORDER BY source_file, line_no", [landing_id, rtype])
+        name, stage = table_name(rtype), _stage(schema, table_name(rtype))
+        if name not in existing:
+            con.execute(f'ALTER TABLE {stage} RENAME TO "{name}"')  # metadata only: no copy
         else:
             # Upsert: the incoming version of a resource replaces the stored one.
-            con.execute(f"""DELETE FROM {table} WHERE id IN (
-                                SELECT keys[2] FROM landing_lines WHERE reason IS NULL AND expected_type = ?)""",
-                        [rtype])
-            con.execute(f"INSERT INTO {table} {new_rows} ORDER BY source_file, line_no", [landing_id, rtype])
+            con.execute(f"DELETE FROM {schema}.{name} WHERE id IN (SELECT id FROM {stage})")
+            con.execute(f"INSERT INTO {schema}.{name} SELECT * FROM {stage} ORDER BY source_file, line_no")
     removed = 0
     if deleted:
         con.register("deleted_ids", pa.table({"resource_type": [d[0] for d in deleted], "id": [d[1] for d in deleted]}))
@@ -323,34 +378,18 @@ def _write_raw_tables(con, schema: str, types: list[str], mode: Mode, deleted: l
     return removed
 
 
-def _read_export_errors(ndjson_dir: Path) -> list[tuple[str, str]]:
-    error_dir = ndjson_dir / "error"
-    out = []
-    for path in sorted(error_dir.glob("*.ndjson")) if error_dir.is_dir() else []:
-        out += [(path.name, line.decode("utf-8", errors="replace"))
-                for line in path.read_bytes().splitlines() if line.strip()]
-    return out
-
-
-def _write_bookkeeping(con, schema: str, mode: Mode, landing_id: str, errors: list[tuple[str, str]]) -> None:
+def _commit_bookkeeping(con, schema: str, mode: Mode, landing_id: str, errors: list[tuple[str, str]]) -> None:
     """Quarantine, per-file counts and server-reported errors: replaced by a full landing,
     appended by a merge so the history of incremental exports is kept."""
-    if mode == "replace":
-        for table in _BOOKKEEPING:
-            con.execute(f"DROP TABLE IF EXISTS {schema}.{table}")
     con.execute(f"""CREATE TABLE IF NOT EXISTS {schema}.quarantine (landing_id VARCHAR, source_file VARCHAR,
                     line_no BIGINT, resource_type VARCHAR, reason VARCHAR, line VARCHAR)""")
     con.execute(f"""CREATE TABLE IF NOT EXISTS {schema}.landing_files (landing_id VARCHAR, source_file VARCHAR,
                     resource_type VARCHAR, lines_read BIGINT, loaded BIGINT, quarantined BIGINT)""")
     con.execute(f"""CREATE TABLE IF NOT EXISTS {schema}.export_errors (landing_id VARCHAR, source_file VARCHAR,
                     operation_outcome VARCHAR)""")
-    con.execute(f"""INSERT INTO {schema}.quarantine
-                    SELECT ?, source_file, line_no, expected_type, reason, coalesce(text, doc::VARCHAR)
-                    FROM landing_lines WHERE reason IS NOT NULL ORDER BY source_file, line_no""", [landing_id])
-    con.execute(f"""INSERT INTO {schema}.landing_files
-                    SELECT ?, source_file, expected_type, count(*), count(*) FILTER (WHERE reason IS NULL),
-                           count(*) FILTER (WHERE reason IS NOT NULL)
-                    FROM landing_lines GROUP BY source_file, expected_type ORDER BY source_file""", [landing_id])
+    con.execute(f"""INSERT INTO {schema}.quarantine SELECT * FROM {_stage(schema, 'quarantine')}
+                    ORDER BY source_file, line_no""")
+    con.execute(f"INSERT INTO {schema}.landing_files SELECT * FROM landing_file_counts")
     if errors:
         con.register("export_error_rows", pa.table({"f": [e[0] for e in errors], "o": [e[1] for e in errors]}))
         con.execute(f"INSERT INTO {schema}.export_errors SELECT ?, f, o FROM export_error_rows", [landing_id])

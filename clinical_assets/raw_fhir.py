@@ -21,7 +21,7 @@ def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse:
     context.log.info(f"Landing FHIR NDJSON from {fhir_source.describe()}")
     batch = fhir_source.fetch(log=context.log.info)
     with warehouse.connect() as con:
-        report = land_ndjson(con, batch.directory, mode=batch.mode)
+        report = land_ndjson(con, batch.directory, mode=batch.mode, validate=fhir_source.validation)
     metadata = {
         "source": fhir_source.describe(),
         "mode": report.mode,

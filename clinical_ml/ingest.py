@@ -98,7 +98,9 @@ def _object_reason(resource_type: str) -> str:
     """Why a parsed line (``doc``, ``keys``) does not load, or NULL when it does. The type is
     inlined as a literal: it comes from a file name matched by ``[A-Z][A-Za-z]+``."""
     expected = f"'{resource_type}'"
+    # DuckDB's maximum_object_size only sizes its read buffer: the limit is enforced here.
     return f"""CASE
+        WHEN strlen(doc) > {MAX_LINE_BYTES} THEN 'line longer than {MAX_LINE_BYTES} bytes'
         WHEN keys[1] IS NOT DISTINCT FROM {expected} AND coalesce(keys[2], '') <> '' THEN NULL
         WHEN json_type(doc) <> 'OBJECT' THEN 'not a JSON object'
         WHEN coalesce(keys[1], '') = '' THEN 'missing resourceType'

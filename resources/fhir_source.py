@@ -52,6 +52,8 @@ class FhirSource(ConfigurableResource):
                               description="system, patient, or group:<id>.")
     incremental: bool = Field(default_factory=lambda: os.environ.get("FHIR_INCREMENTAL") == "1",
                               description="Export only changes since the last landed export (_since) and merge.")
+    validation: str = Field(default_factory=lambda: os.environ.get("FHIR_VALIDATION", "none"),
+                            description="Check resources against the fhir.resources R4B models: none, sample or all.")
     ndjson_dir: Optional[str] = Field(default_factory=lambda: _env("FHIR_NDJSON_DIR"),
                                       description="Read this folder of <Type>.ndjson files instead of generating.")
     synthetic_patients: int = Field(default_factory=lambda: _env_int("SYNTHETIC_PATIENTS", 5000))

@@ -87,3 +87,32 @@ def test_real_synthea_ndjson_lands_with_nothing_quarantined(sample):
     assert report.loaded_by_type["Patient"] >= 13
     if sample == "synthea-bulk-10p":
         assert report.skipped_files == ["log.ndjson"]  # the export log is not a resource file
+
+
+def test_strict_validation_quarantines_invalid_resources_without_echoing_values(tmp_path):
+    patients = [
+        {"resourceType": "Patient", "id": "ok", "gender": "female", "birthDate": "1970-01-01"},
+        {"resourceType": "Patient", "id": "bad-date", "birthDate": "Jane-Doe-born-1970"},
+        {"resourceType": "Patient", "id": "bad-field", "gender": "female", "favouriteColour": "teal"},
+    ]
+    (tmp_path / "Patient.000.ndjson").write_text("\n".join(json.dumps(p) for p in patients) + "\n")
+    con = duckdb.connect()
+    report = land_ndjson(con, tmp_path, validate="all")
+    assert report.reconciles and report.loaded == 1 and report.quarantined == 2
+    reasons = dict(con.execute("SELECT line_no, reason FROM raw.quarantine").fetchall())
+    assert reasons[2].startswith("FHIR R4B validation failed at birthDate")
+    assert reasons[3].startswith("FHIR R4B validation failed at favouriteColour")
+    assert "Jane" not in reasons[2]
+    # without validation, all three are structurally fine and load
+    assert land_ndjson(duckdb.connect(), tmp_path).loaded == 3
+
+
+def test_an_oversize_line_is_quarantined_and_the_rest_of_the_file_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 200)
+    big = json.dumps({"resourceType": "Patient", "id": "big", "text": {"div": "x" * 500}})
+    small = [json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(3)]
+    (tmp_path / "Patient.000.ndjson").write_text("\n".join([small[0], big, *small[1:]]) + "\n")
+    con = duckdb.connect()
+    report = land_ndjson(con, tmp_path)
+    assert report.reconciles and report.loaded == 3
+    assert con.execute("SELECT line_no, reason FROM raw.quarantine").fetchall() == [(2, "line longer than 200 bytes")]

@@ -1,4 +1,5 @@
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, MaterializeResult, asset, asset_check
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, MaterializeResult, MetadataValue, asset,
+                     asset_check)
 
 from clinical_assets.metadata import counts_table, markdown_table
 from clinical_assets.raw_fhir import raw_fhir
@@ -14,20 +15,25 @@ import polars as pl
     group_name="deidentification",
     kinds={"duckdb"},
     owners=["team:privacy"],
-    description="HIPAA Safe Harbor de-identified tables (schema `deid`): keyed pseudonyms, dates "
-    "shifted per patient, birth year only, 90+ grouped, 3-digit zip, scrubbed notes. Nothing "
-    "downstream reads `raw`.",
+    description="HIPAA Safe Harbor de-identified tables (schema `deid`): a whitelist projection with keyed "
+    "pseudonyms, dates shifted per patient (or generalized to year), birth year only, 90+ grouped, 3-digit zip, "
+    "scrubbed notes (documents and Condition/Observation notes). Resource types not projected never cross. "
+    "Removal counts per Safe Harbor category are in `deid.removal_counts`. Nothing downstream reads `raw`.",
 )
 def deidentified_fhir(context: AssetExecutionContext, warehouse: DuckDBWarehouse, deid_key: DeidKey) -> MaterializeResult:
+    key = deid_key.key()
     if deid_key.is_demo_key():
         context.log.warning("Using the published demo de-identification key: synthetic data only.")
     with warehouse.connect() as con:
-        report = deidentify(con, deid_key.key(), max_shift_days=deid_key.date_shift_max_days)
+        report = deidentify(con, key, max_shift_days=deid_key.date_shift_max_days, date_mode=deid_key.date_mode,
+                            reference_date=deid_key.reference_date(), synthetic_only=deid_key.is_demo_key())
     return MaterializeResult(metadata={
         "rows_by_table": counts_table(report.rows_by_table, "table", "rows"),
         "removed_by_category": counts_table(report.removed_by_category, "category", "removed or generalized"),
         "orphan_rows_dropped": counts_table(report.orphan_rows_dropped, "table", "rows without a landed patient"),
         "age_reference_date": report.reference_date,
+        "date_mode": deid_key.date_mode,
+        "resource_types_left_behind": MetadataValue.json(report.resource_types_left_behind),
         "demo_key": deid_key.is_demo_key(),
     })
 
@@ -42,7 +48,8 @@ def leak_check_result(warehouse: DuckDBWarehouse, tables: list[str]) -> AssetChe
 
 
 @asset_check(asset=deidentified_fhir, blocking=True,
-             description="No original name, identifier, phone, e-mail, street line or birth date "
-             "from the raw Patient resources appears in any de-identified text column.")
+             description="No original name, identifier, phone, e-mail, address part (street, city, zip) or "
+             "birth date of a landed Patient (contacts included), nor a Practitioner/RelatedPerson name, appears "
+             "in any de-identified text column.")
 def deidentified_fhir_has_no_identifiers(warehouse: DuckDBWarehouse) -> AssetCheckResult:
     return leak_check_result(warehouse, [f"deid.{t}" for t in DEID_TABLES])

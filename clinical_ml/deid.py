@@ -3,21 +3,31 @@
 Design: the de-identified tables are a *whitelist projection* of the raw resources. Only the
 fields listed here cross the boundary (codes, values, generalized geography and dates, keyed
 pseudonyms); every other element (names, telecom, identifiers, photos, narrative ``text``,
-extensions, display strings) is left behind by construction. Free-text notes are the one
-exception and are scrubbed: the patient's own names and identifiers first, then patterns.
+extensions, display strings, references' ``display``) and every resource type not projected
+here (Practitioner, RelatedPerson, Organization, Device, Claim, ...) is left behind by
+construction. Free text is the one exception and is scrubbed: the patient's own names and
+identifiers first (from the Patient resource, contacts included), then patterns.
 
 - Pseudonyms: HMAC-SHA256 under a secret key, so the same id and key give the same pseudonym
   in every resource and on every run, and nobody without the key can reverse them.
-- Dates: shifted by a per-patient secret offset (intervals within a patient are kept exactly).
-- Birth: year only; patients aged 90 or more at the end of the record are grouped (no year).
+- Dates: shifted by a per-patient secret offset (intervals within a patient are kept exactly),
+  or generalized to 1 January of their year (``date_mode="year"``).
+- Birth: year only; patients who are 90 or older at the reference date (today, or the end of
+  the record if that is later) are grouped (no year).
 - Geography: state and 3-digit zip; "000" for prefixes whose area has <= 20,000 people.
+- Malformed shapes (an object where FHIR has an array, a number where it has a string) never
+  raise: every cast is a TRY_CAST, so no database error can quote a raw value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
+import re
 from dataclasses import dataclass
+from datetime import date
+from typing import Literal
 
 import duckdb
 import pyarrow as pa
@@ -30,36 +40,85 @@ RESTRICTED_ZIP3 = (
     "823", "830", "831", "878", "879", "884", "890", "893",
 )
 HYPERTENSION_CODES = ("59621000", "38341003", "I10")
-DEID_TABLES = ("patient", "encounter", "condition", "observation", "medication_request", "document_reference")
+DEID_TABLES = ("patient", "encounter", "condition", "observation", "medication_request", "document_reference",
+               "annotation")
+DateMode = Literal["shift", "year"]
+
+# RE2 (DuckDB's regex engine) has no look-around and its \b and \w are ASCII-only, so "José"
+# would have a word boundary inside it. Boundaries are therefore explicit Unicode classes.
+_NOT_ALNUM = r"[^\p{L}\p{N}]"
+_MONTH_NAMES = ("january|february|march|april|june|july|august|september|october|november|december|"
+                "jan|feb|mar|apr|jun|jul|aug|sept|sep|oct|nov|dec")
+# "may" is also a verb ("may 2 puffs"): only capitalized "May" is a month where no year follows.
+_MONTH = rf"(?:{_MONTH_NAMES}|may)\b\.?"
+_MONTH_NO_YEAR = rf"(?:(?i:{_MONTH_NAMES})|May)\b\.?"
+_YEAR = r"(?:1[89]|20)\d{2}"
+_NAME = r"\p{Lu}[\p{L}'’-]+"
 
 # Scrubbing patterns for free text, applied in order after the patient's own identifiers.
-# (RE2 syntax, replacement tag). Kept as data so tests and the benchmark can report per tag.
+# (RE2 syntax, replacement). Kept as data so tests and the benchmark can report per tag.
 NOTE_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"(?i)\b(?:https?://|www\.)\S+", "[URL]"),
+    (r"(?i)\b(?:https?://|ftp://|www\.)\S+", "[URL]"),
     (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[EMAIL]"),
-    (r"\b\d{3}-\d{2}-\d{4}\b", "[SSN]"),
-    (r"\b\d{4}-\d{2}-\d{2}(?:[T ][0-9:.]+(?:Z|[+-]\d{2}:?\d{2})?)?\b", "[DATE]"),
-    (r"\b\d{1,2}[/-]\d{1,2}[/-]\d{2,4}\b", "[DATE]"),
-    (r"(?i)\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}\b",
-     "[DATE]"),
-    (r"(?i)\b\d{1,2}\s+(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?,?\s+\d{4}\b", "[DATE]"),
-    (r"(?:\+?1[\s.-]?)?\(?\b\d{3}\)?[\s.-]?\d{3}[\s.-]\d{4}\b", "[PHONE]"),
-    (r"\b\d{1,3}(?:\.\d{1,3}){3}\b", "[IP]"),
-    (r"(?i)\b(?:MRN|medical record(?: number)?|acct|account|member id|policy|licen[cs]e|DL)\s*(?:number|no\.?|#)?\s*[:#]?\s*[A-Z0-9-]*\d[A-Z0-9-]{3,}",
+    (r"(?i)\b(?:ip(?: address)?\s*:?\s*)?\d{1,3}(?:\.\d{1,3}){3}\b", "[IP]"),
+    (r"\b\d{3}[- ]\d{2}[- ]\d{4}\b", "[SSN]"),
+    (r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:[T ][0-9:.]+(?:Z|[+-]\d{2}:?\d{2})?)?\b", "[DATE]"),
+    (r"\b\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}\b", "[DATE]"),
+    (rf"(?i)\b{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}\b", "[DATE]"),
+    (rf"(?i)\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH},?\s+\d{{4}}\b", "[DATE]"),
+    (rf"(?i)\b{_MONTH},?\s+(?:of\s+)?{_YEAR}\b", "[DATE]"),
+    (rf"\b{_MONTH_NO_YEAR}\s+\d{{1,2}}(?:st|nd|rd|th)?\b", "[DATE]"),
+    (r"(?i)\bfax\s*[:#.]?\s*(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]?\d{3}[\s.-]?\d{4}\b", "[FAX]"),
+    (r"(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\b\d{3}[\s.-])\d{3}[\s.-]\d{4}\b", "[PHONE]"),
+    (r"\b(?:(?i:mrn|medical record(?: number| no\.?)?|acct|account(?: number)?|member(?: id)?|subscriber(?: id)?|"
+     r"policy|group number|plan id|beneficiary(?: id)?|licen[cs]e|driver'?s licen[cs]e|passport|vin|plate|"
+     r"serial(?: number)?|device(?: id)?|implant id|biometric(?: id)?|fingerprint(?: id)?|retina(?:l)?(?: scan)?"
+     r"(?: id)?|voice ?print(?: id)?|study id|subject id|social security(?: number)?|ssn)|DL|SN|S/N|ID|UDI|NPI)\b"
+     r"\s*(?i:number|no\.?|#|id)?\s*[:#]?\s*\(?[A-Za-z0-9][A-Za-z0-9-]*\d[A-Za-z0-9-]*",
      "[ID]"),
-    (r"\b[A-Z]{0,4}\d{6,}\b", "[ID]"),
-    (r"\b\d{1,6}\s+(?:[A-Z][A-Za-z']+\s+){1,3}(?:St|Street|Ave|Avenue|Rd|Road|Blvd|Boulevard|Ln|Lane|Dr|Drive|Ct|Court|Way|Pl|Place|Ter|Terrace)\b\.?",
+    (r"\b[A-HJ-NPR-Z0-9]{17}\b", "[ID]"),  # a VIN is 17 characters without I, O, Q
+    (r"\b[A-Z]{0,4}-?\d{6,}\b", "[ID]"),
+    (r"(?i)\b\d{1,6}\s+(?:[NSEW]\.?\s+|north\s+|south\s+|east\s+|west\s+)?(?:\p{Lu}[\p{L}'’]+\s+){1,3}"
+     r"(?:St|Street|Ave|Avenue|Rd|Road|Blvd|Boulevard|Ln|Lane|Dr|Drive|Ct|Court|Way|Pl|Place|Ter|Terrace|"
+     r"Cir|Circle|Pkwy|Parkway|Hwy|Highway|Sq|Square)\b\.?(?:,?\s+(?:Apt|Apartment|Unit|Suite|Ste|#)\.?\s*[A-Z0-9-]+)?",
      "[ADDRESS]"),
+    (r"(?i)\b(?:P\.?O\.?\s+Box|Apt|Apartment|Unit|Suite)\.?\s*#?\s*\d+[A-Z]?\b", "[ADDRESS]"),
+    (rf"\b(?i:lives|living|resides|residing|resident|moved|relocated)\s+(?i:in|at|to|of)\s+{_NAME}(?:\s+{_NAME})?"
+     rf"(?:,\s+\p{{Lu}}\p{{Lu}}|,\s+{_NAME})?", "[LOCATION]"),
     (r"\b\d{5}(?:-\d{4})?\b", "[ZIP]"),
-    (r"\b(?:Mr|Mrs|Ms|Miss|Dr)\.?\s+[A-Z][A-Za-z'-]+(?:\s+[A-Z][A-Za-z'-]+)?", "[NAME]"),
-    (r"\b[A-Z][a-z]+\d+\b", "[NAME]"),  # Synthea-style names with digits ("Medhurst46")
+    (rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Doctor)\.?\s+{_NAME}(?:\s+{_NAME})?", "[NAME]"),
+    (rf"\b((?i:wife|husband|son|daughter|mother|father|brother|sister|partner|spouse|fiancée?|friend|"
+     rf"neighbou?r|caregiver|guardian|aunt|uncle|cousin|niece|nephew|grandmother|grandfather|grandson|"
+     rf"granddaughter)),?\s+(?:is\s+|named\s+)?{_NAME}(?:\s+{_NAME})?", r"\1 [NAME]"),
+    (r"\b\p{Lu}\p{Ll}+\d+\b", "[NAME]"),  # Synthea-style names with digits ("Medhurst46")
     # Safe Harbor: ages over 89 are aggregated ("93 year-old" -> "[AGE_90_PLUS] year-old").
-    (r"(?i)\b(?:9\d|1[0-4]\d)([- ](?:years?|yrs?)[- ]old)\b", r"[AGE_90_PLUS]\1"),
+    (r"(?i)\b(?:9\d|1[0-4]\d)([- ](?:years?|yrs?|yo)(?:[- ]old)?|\s*y\.?\s?o\.?|\s*yo\b)", r"[AGE_90_PLUS]\1"),
+    (r"(?i)\b(age[ds]?|aged)(\s*:?\s*)(?:9\d|1[0-4]\d)\b", r"\1\2[AGE_90_PLUS]"),
+)
+NOTE_TAGS = ("REDACTED", "NAME", "URL", "EMAIL", "SSN", "DATE", "FAX", "PHONE", "IP", "ID", "ADDRESS", "LOCATION",
+             "ZIP", "AGE_90_PLUS")
+
+# Patient.identifier type codes (v2-0203) by Safe Harbor category; anything else is "other".
+IDENTIFIER_TYPE_CATEGORY = {
+    "SS": "ssn", "SB": "ssn",
+    "MR": "medical_record_number", "MRT": "medical_record_number",
+    "MB": "health_plan_number", "MC": "health_plan_number", "MA": "health_plan_number", "SN": "health_plan_number",
+    "AN": "account_number", "BA": "account_number",
+    "DL": "license_number", "LN": "license_number", "MD": "license_number", "NPI": "license_number",
+}
+SAFE_HARBOR_CATEGORIES = (
+    "names", "geographic_subdivisions", "dates", "telephone_numbers", "fax_numbers", "email_addresses", "ssn",
+    "medical_record_number", "health_plan_number", "account_number", "license_number", "vehicle_identifiers",
+    "device_identifiers", "urls", "ip_addresses", "biometric_identifiers", "photos", "other_identifiers",
 )
 
 
 class MissingSecretKey(RuntimeError):
     """Raised when no de-identification key is configured (never includes key material)."""
+
+
+class DeidentificationError(RuntimeError):
+    """A de-identification step failed. The message never carries data values."""
 
 
 @dataclass
@@ -68,6 +127,7 @@ class DeidReport:
     removed_by_category: dict[str, int]
     orphan_rows_dropped: dict[str, int]
     reference_date: str
+    resource_types_left_behind: list[str]
 
 
 def pseudonym(key: bytes, kind: str, resource_id: str) -> str:
@@ -83,9 +143,26 @@ def date_shift_days(key: bytes, patient_id: str, max_days: int) -> int:
     return offset if offset < 0 else offset + 1
 
 
-def register_functions(con: duckdb.DuckDBPyConnection, key: bytes, max_shift_days: int) -> None:
-    """Register the keyed functions as vectorized UDFs. The key lives only in these closures:
-    it never appears in SQL text, so it cannot reach a query log or an error message."""
+def safe_error_message(error: BaseException) -> str:
+    """A database error's first line with every quoted literal removed: DuckDB quotes the
+    offending input ("Could not convert string 'Smith' to ..."), which may be PHI."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, (duckdb.BinderException, duckdb.ParserException, duckdb.CatalogException)):
+        return first[:300]  # about the SQL text, not the data: keep it for whoever has to fix it
+    first = re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", first)
+    return re.sub(r"(?i)(input|value|string)\s*:.*", r"\1: <value>", first)[:300]
+
+
+_udf_counter = itertools.count()
+
+
+def register_functions(con: duckdb.DuckDBPyConnection, key: bytes, max_shift_days: int,
+                       date_mode: DateMode = "shift") -> None:
+    """Register the keyed functions as vectorized UDFs and the shape-tolerant JSON macros. The
+    key lives only in these closures: it never appears in SQL text, so it cannot reach a query
+    log or an error message."""
+    if date_mode not in ("shift", "year"):
+        raise ValueError(f"date_mode must be 'shift' or 'year', not {date_mode!r}")
 
     def _pseudonym(kinds: pa.Array, ids: pa.Array) -> pa.Array:
         return pa.array(
@@ -98,54 +175,175 @@ def register_functions(con: duckdb.DuckDBPyConnection, key: bytes, max_shift_day
             [None if i is None else date_shift_days(key, i, max_shift_days) for i in ids.to_pylist()], pa.int32()
         )
 
-    for name in ("pseudonym", "date_shift_days"):
-        try:
-            con.remove_function(name)
-        except Exception:  # not registered yet on this connection
-            pass
-    con.create_function("pseudonym", _pseudonym, ["VARCHAR", "VARCHAR"], "VARCHAR", type="arrow", side_effects=False)
-    con.create_function("date_shift_days", _shift, ["VARCHAR"], "INTEGER", type="arrow", side_effects=False)
-    con.execute(
-        r"""CREATE OR REPLACE TEMP MACRO ref_id(r) AS
+    # Fresh UDF names behind stable macros: DuckDB cannot always drop a UDF that a connection
+    # has used, and a second run on the same connection (another key) must not see the old one.
+    suffix = next(_udf_counter)
+    con.create_function(f"__pseudonym_{suffix}", _pseudonym, ["VARCHAR", "VARCHAR"], "VARCHAR", type="arrow",
+                        side_effects=False)
+    con.create_function(f"__date_shift_days_{suffix}", _shift, ["VARCHAR"], "INTEGER", type="arrow", side_effects=False)
+    con.execute(f"CREATE OR REPLACE TEMP MACRO pseudonym(kind, id) AS __pseudonym_{suffix}(kind, id)")
+    con.execute(f"CREATE OR REPLACE TEMP MACRO date_shift_days(id) AS __date_shift_days_{suffix}(id)")
+    register_macros(con, date_mode)
+
+
+def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift") -> None:
+    """The shape-tolerant JSON helpers (no key needed: the leak scan uses these alone)."""
+    macros = [
+        r"""ref_id(r) AS
             CASE WHEN r LIKE 'urn:uuid:%' THEN substr(r, 10)
-                 ELSE nullif(regexp_extract(r, '([A-Za-z]+)/([^/]+?)(/_history/[^/]+)?$', 2), '') END"""
-    )
-    con.execute("CREATE OR REPLACE TEMP MACRO fhir_date(s) AS TRY_CAST(substr(s, 1, 10) AS DATE)")
-    con.execute(
-        """CREATE OR REPLACE TEMP MACRO codings(j) AS
-           coalesce(from_json(j, '[{"system":"VARCHAR","code":"VARCHAR"}]'), [])"""
-    )
+                 ELSE nullif(regexp_extract(r, '([A-Za-z]+)/([^/]+?)(/_history/[^/]+)?$', 2), '') END""",
+        "fhir_date(s) AS TRY_CAST(substr(s, 1, 10) AS DATE)",
+        # A FHIR array as JSON[]: [] when absent; a lone object or scalar where FHIR has an array
+        # becomes a one-element list, so malformed shapes neither raise nor hide identifiers.
+        """json_list(j) AS CASE WHEN j IS NULL OR json_type(j) = 'NULL' THEN []
+                                WHEN json_type(j) = 'ARRAY' THEN coalesce(TRY_CAST(j AS JSON[]), [])
+                                ELSE [j] END""",
+        "str_list(j) AS list_filter(list_transform(json_list(j), lambda x: x->>'$'), lambda x: x IS NOT NULL)",
+        """codings(j) AS coalesce(TRY(from_json(j, '[{"system":"VARCHAR","code":"VARCHAR"}]')), [])""",
+        f"""deid_date(d, shift) AS {"d + shift" if date_mode == "shift" else "make_date(year(d), 1, 1)"}""",
+        # Identifier variants worth matching: the value, and its letters and digits only
+        # ("123-45-6789" also as "123456789") when that is long enough to be specific.
+        """id_variants(v) AS CASE WHEN length(regexp_replace(v, '[^0-9A-Za-z]', '', 'g')) >= 6
+                                  THEN [v, regexp_replace(v, '[^0-9A-Za-z]', '', 'g')] ELSE [v] END""",
+        # Name strings and their parts (split on spaces and hyphens: "Müller-Łukasz" -> both halves).
+        r"""name_parts(names) AS list_distinct(list_concat(names,
+                flatten(list_transform(names, lambda n: string_split_regex(n, '[\s\-]+')))))""",
+        """human_names(j) AS flatten(list_transform(json_list(j), lambda n: list_concat(
+                str_list(n->'given'), str_list(n->'prefix'), str_list(n->'suffix'),
+                list_filter([n->>'family', n->>'text'], lambda x: x IS NOT NULL))))""",
+        """address_parts(j) AS flatten(list_transform(json_list(j), lambda a: list_concat(str_list(a->'line'),
+                list_filter([a->>'city', a->>'district', a->>'postalCode', a->>'text'], lambda x: x IS NOT NULL))))""",
+        """telecom_values(j) AS list_filter(list_transform(json_list(j), lambda t: t->>'value'), lambda x: x IS NOT NULL)""",
+        """identifier_values(j) AS list_filter(list_transform(json_list(j), lambda i: i->>'value'), lambda x: x IS NOT NULL)""",
+        # A birth date as written in notes: ISO, 3/4/1950, 03/04/1950, March 4, 1950.
+        """date_variants(s) AS CASE WHEN fhir_date(s) IS NULL THEN list_filter([s], lambda x: x IS NOT NULL) ELSE
+                [s, strftime(fhir_date(s), '%-m/%-d/%Y'), strftime(fhir_date(s), '%m/%d/%Y'),
+                 strftime(fhir_date(s), '%B %-d, %Y')] END""",
+    ]
+    for macro in macros:
+        con.execute(f"CREATE OR REPLACE TEMP MACRO {macro}")
 
 
-def _scrub_expression(column: str, pattern_column: str) -> str:
-    expr = f"CASE WHEN {pattern_column} IS NULL THEN {column} ELSE regexp_replace({column}, {pattern_column}, '[REDACTED]', 'g') END"
-    for pattern, tag in NOTE_PATTERNS:
-        escaped = pattern.replace("'", "''")
-        expr = f"regexp_replace({expr}, '{escaped}', '{tag}', 'g')"
+def _patient_identifier_values_sql(resource: str) -> str:
+    """Every identifying value of a Patient resource (and its contacts), by category, as a
+    STRUCT of lists: the input of both the note scrubber and the leak check."""
+    contacts = f"json_list({resource}->'contact')"
+    return f"""{{
+        'name': name_parts(list_concat(human_names({resource}->'name'),
+                                       flatten(list_transform({contacts}, lambda c: human_names(c->'name'))))),
+        'identifier': flatten(list_transform(identifier_values({resource}->'identifier'), lambda v: id_variants(v))),
+        'telecom': flatten(list_transform(list_concat(telecom_values({resource}->'telecom'),
+                    flatten(list_transform({contacts}, lambda c: telecom_values(c->'telecom')))), lambda v: id_variants(v))),
+        'address': list_concat(address_parts({resource}->'address'),
+                               flatten(list_transform({contacts}, lambda c: address_parts(c->'address')))),
+        'birth_date': date_variants({resource}->>'birthDate')
+    }}"""
+
+
+_PRE_PATTERNS = 2  # URL and e-mail go first, whole, before the patient's own identifiers cut into them
+_RUN = r"[\p{L}\p{N}]+"  # a run of Unicode letters and digits
+
+
+def _apply_patterns(expr: str, patterns) -> str:
+    for pattern, tag in patterns:
+        expr = f"regexp_replace({expr}, '{pattern.replace(chr(39), chr(39) * 2)}', '{tag}', 'g')"
     return expr
 
 
+def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql: str, out_table: str) -> None:
+    """Scrub free text, set-based: ``notes_sql`` yields (note_id, owner, note), ``identifiers_sql``
+    yields (owner, value), the note owner's own identifying values. Writes TEMP ``out_table``
+    (note_id, note_text).
+
+    The owner's identifiers are removed first, by a join rather than a per-note regex (which
+    DuckDB would compile once per row): notes and identifiers are both cut into runs of Unicode
+    letters and digits, and any sequence of consecutive runs equal (case-insensitively) to an
+    identifier's runs is replaced by one [REDACTED], separators included. So "Müller-Łukasz",
+    "12 Elm St", "555-010-4477" and "1961/03/14" are found whatever punctuation or case the note
+    uses, and "Smith" never matches inside "Smithfield". Then the NOTE_PATTERNS run.
+    """
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_src AS
+        SELECT note_id, owner, {_apply_patterns('note', NOTE_PATTERNS[:_PRE_PATTERNS])} AS note
+        FROM ({notes_sql}) WHERE note IS NOT NULL""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_ids AS
+        SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs
+        FROM (SELECT DISTINCT owner, regexp_extract_all(lower(trim(value)), '{_RUN}') AS runs
+              FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
+        WHERE len(runs) > 0""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_pieces AS
+        SELECT note_id, owner, pos, piece, regexp_full_match(piece, '{_RUN}') AS is_run
+        FROM (SELECT note_id, owner, unnest(p) AS piece, generate_subscripts(p, 1) AS pos
+              FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}|[^\p{{L}}\p{{N}}]+') AS p FROM scrub_src))""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {out_table} AS
+        WITH runs AS (
+            SELECT note_id, owner, pos, lower(piece) AS run,
+                   row_number() OVER (PARTITION BY note_id ORDER BY pos) AS run_no
+            FROM scrub_pieces WHERE is_run),
+        ident_runs AS (
+            SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k FROM scrub_ids),
+        starts AS (
+            SELECT r.note_id, r.run_no AS first_run, i.ident_id, i.n_runs
+            FROM runs r JOIN ident_runs i ON i.owner = r.owner AND i.run = r.run AND i.k = 1),
+        matches AS (
+            SELECT s.note_id, s.first_run, s.first_run + s.n_runs - 1 AS last_run
+            FROM starts s
+            JOIN ident_runs i ON i.ident_id = s.ident_id
+            JOIN runs r ON r.note_id = s.note_id AND r.run_no = s.first_run + i.k - 1 AND r.run = i.run
+            GROUP BY s.note_id, s.first_run, s.ident_id, s.n_runs HAVING count(*) = s.n_runs),
+        redacted AS (
+            SELECT DISTINCT m.note_id, unnest(range(a.pos, b.pos + 1)) AS pos
+            FROM matches m
+            JOIN runs a ON a.note_id = m.note_id AND a.run_no = m.first_run
+            JOIN runs b ON b.note_id = m.note_id AND b.run_no = m.last_run),
+        flagged AS (
+            SELECT p.note_id, p.pos, p.piece, x.pos IS NOT NULL AS red
+            FROM scrub_pieces p LEFT JOIN redacted x ON x.note_id = p.note_id AND x.pos = p.pos),
+        rebuilt AS (
+            SELECT note_id, string_agg(CASE WHEN NOT red THEN piece WHEN prev_red THEN '' ELSE '[REDACTED]' END, ''
+                                       ORDER BY pos) AS note
+            FROM (SELECT *, coalesce(lag(red) OVER (PARTITION BY note_id ORDER BY pos), false) AS prev_red FROM flagged)
+            GROUP BY note_id)
+        SELECT s.note_id, {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
+        FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""")
+    for table in ("scrub_src", "scrub_ids", "scrub_pieces"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identifiers: list[list[str]] | None = None) -> list[str]:
-    """Scrub free texts with the same SQL the pipeline uses (for tests and the benchmark)."""
+    """Scrub free texts with the same SQL the pipeline uses (for tests and the benchmark).
+    ``own_identifiers`` are each note's patient's names, identifiers, phones, address parts…"""
     own_identifiers = own_identifiers or [[] for _ in texts]
-    table = pa.table({"n": list(range(len(texts))), "note": texts, "tokens": own_identifiers})
+    table = pa.table({"n": list(range(len(texts))), "note": texts,
+                      "tokens": pa.array(own_identifiers, pa.list_(pa.string()))})
     con.register("scrub_input", table)
     try:
-        rows = con.execute(
-            f"""WITH p AS (SELECT n, note, {_identifier_pattern_sql('tokens')} AS pattern FROM scrub_input)
-                SELECT {_scrub_expression('note', 'pattern')} FROM p ORDER BY n"""
-        ).fetchall()
+        scrub_notes(con, "SELECT n AS note_id, n AS owner, note FROM scrub_input",
+                    "SELECT n AS owner, unnest(tokens) AS value FROM scrub_input", "scrub_output")
+        scrubbed = dict(con.execute("SELECT note_id, note_text FROM scrub_output").fetchall())
     finally:
         con.unregister("scrub_input")
-    return [r[0] for r in rows]
+        con.execute("DROP TABLE IF EXISTS scrub_output")
+    return [scrubbed.get(n) for n in range(len(texts))]
 
 
-def _identifier_pattern_sql(tokens_column: str) -> str:
-    """A case-insensitive alternation of the (regex-escaped) identifier tokens, or NULL."""
-    escaped = rf"""list_transform(list_filter({tokens_column}, lambda t: t IS NOT NULL AND length(trim(t)) >= 2),
-                    lambda t: regexp_replace(trim(t), '([\\^$.|?*+()\[\]{{}}])', '\\\1', 'g'))"""
-    return f"""CASE WHEN len({escaped}) > 0
-               THEN '(?i)\\b(?:' || array_to_string(list_reverse(list_sort({escaped})), '|') || ')\\b' END"""
+def count_real_patients(con: duckdb.DuckDBPyConnection, raw_schema: str = "raw") -> int:
+    """Patients not made by the built-in generator (which tags each one): the published demo
+    key must never de-identify those, as anyone could reverse its pseudonyms."""
+    from clinical_ml.synthetic import SYNTHETIC_TAG
+
+    return con.execute(
+        f"""SELECT count(*) FROM {raw_schema}.patient WHERE NOT list_contains(
+                list_transform(json_list(resource->'meta'->'tag'), lambda t: (t->>'system') || '|' || (t->>'code')), ?)""",
+        [f"{SYNTHETIC_TAG['system']}|{SYNTHETIC_TAG['code']}"]).fetchone()[0]
+
+
+def age_reference_date(con: duckdb.DuckDBPyConnection, raw_schema: str = "raw") -> date:
+    """Today, or the last encounter if the record runs later: a birth year that shows an age
+    over 89 *today* is itself an identifier, whenever the record ends."""
+    return con.execute(
+        f"""SELECT greatest(current_date, coalesce(max(fhir_date(resource->'period'->>'start')), current_date))
+            FROM {raw_schema}.encounter"""
+    ).fetchone()[0]
 
 
 def deidentify(
@@ -154,17 +352,36 @@ def deidentify(
     raw_schema: str = "raw",
     out_schema: str = "deid",
     max_shift_days: int = 365,
+    date_mode: DateMode = "shift",
+    reference_date: date | None = None,
+    synthetic_only: bool = False,
 ) -> DeidReport:
-    """Build ``out_schema`` tables from the raw tables in one transaction."""
+    """Build ``out_schema`` tables from the raw tables in one transaction.
+
+    ``reference_date`` is the date at which ages over 89 are grouped (default: today or the end
+    of the record, whichever is later); pin it to make a re-run on another day identical.
+    ``synthetic_only`` refuses to run if any patient is not from the built-in generator (set it
+    when the key is the published demo key)."""
     if not key:
         raise MissingSecretKey("de-identification key is empty")
-    register_functions(con, key, max_shift_days)
+    register_functions(con, key, max_shift_days, date_mode)
     r = raw_schema
-    reference_date = con.execute(
-        f"""SELECT coalesce(max(fhir_date(resource->'period'->>'start')), current_date)
-            FROM {r}.encounter"""
-    ).fetchone()[0]
+    if synthetic_only and (real := count_real_patients(con, r)):
+        raise MissingSecretKey(
+            f"The published demo key only de-identifies the built-in synthetic data, but {real} landed patients "
+            "did not come from the generator. Set DEID_SECRET_KEY to a long random secret.")
+    reference_date = reference_date or age_reference_date(con, r)
+    try:
+        return _deidentify(con, r, out_schema, reference_date)
+    except duckdb.Error as error:
+        # DuckDB quotes offending values in its messages; they may be PHI. Keep only the shape.
+        raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
+    finally:
+        for table in ("deid_patient_src", "deid_encounter_keys", "deid_note_src", "deid_notes_scrubbed"):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
 
+
+def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, reference_date: date) -> DeidReport:
     # Patient-level working table: stays in a TEMP table (PHI never written outside `raw`).
     con.execute(
         f"""
@@ -173,8 +390,9 @@ def deidentify(
             SELECT id AS patient_id, resource AS r,
                    fhir_date(resource->>'birthDate') AS birth_date,
                    fhir_date(resource->>'deceasedDateTime') AS death_date,
-                   CAST(resource->'extension' AS JSON[]) AS ext,
-                   CAST(resource->'address' AS JSON[]) AS addr
+                   json_list(resource->'extension') AS ext,
+                   json_list(resource->'address') AS addr,
+                   json_list(resource->'contact') AS contacts
             FROM {r}.patient
         )
         SELECT patient_id,
@@ -183,7 +401,7 @@ def deidentify(
             r->>'gender' AS gender,
             birth_date, death_date,
             coalesce(TRY_CAST(r->>'deceasedBoolean' AS BOOLEAN), false) OR death_date IS NOT NULL AS deceased,
-            -- Age as of the end of the record, also for the deceased: a birth year that would
+            -- Age at the reference date, also for the deceased: a birth year that would
             -- indicate an age over 89 today is itself an identifier under Safe Harbor.
             date_diff('year', birth_date, DATE '{reference_date}')
                 - CASE WHEN strftime(birth_date, '%m%d') > strftime(DATE '{reference_date}', '%m%d') THEN 1 ELSE 0 END
@@ -193,29 +411,35 @@ def deidentify(
                 AS ethnicity,
             addr[1]->>'state' AS state,
             left(regexp_replace(coalesce(addr[1]->>'postalCode', ''), '[^0-9]', '', 'g'), 3) AS zip_digits,
-            -- the patient's own identifiers, to remove from their notes
-            list_concat(
-                flatten(list_transform(CAST(r->'name' AS JSON[]), n ->
-                    list_concat(coalesce(CAST(n->'given' AS VARCHAR[]), []), [n->>'family'],
-                                string_split(coalesce(n->>'text', ''), ' ')))),
-                list_transform(CAST(r->'identifier' AS JSON[]), lambda i: i->>'value'),
-                list_transform(CAST(r->'telecom' AS JSON[]), lambda t: t->>'value'),
-                flatten(list_transform(addr, lambda a: coalesce(CAST(a->'line' AS VARCHAR[]), []))),
-                [r->>'birthDate']
-            ) AS own_identifiers,
-            coalesce(len(CAST(r->'name' AS JSON[])), 0) AS n_names,
-            coalesce(len(CAST(r->'identifier' AS JSON[])), 0) AS n_identifiers,
-            coalesce(len(CAST(r->'telecom' AS JSON[])), 0) AS n_telecom,
-            coalesce(len(addr), 0) AS n_addresses,
-            coalesce(len(CAST(r->'photo' AS JSON[])), 0) AS n_photos,
+            {_patient_identifier_values_sql('r')} AS ids,
+            -- what is left behind, by Safe Harbor category (for the removal counts)
+            len(json_list(r->'name')) + len(list_filter(contacts, lambda c: (c->'name') IS NOT NULL)) AS n_names,
+            len(addr) + len(list_filter(contacts, lambda c: (c->'address') IS NOT NULL)) AS n_addresses,
+            list_transform(list_concat(json_list(r->'telecom'), flatten(list_transform(contacts, lambda c: json_list(c->'telecom')))),
+                           lambda t: coalesce(t->>'system', 'phone')) AS telecom_systems,
+            list_transform(json_list(r->'identifier'),
+                           lambda i: coalesce(codings(i->'type'->'coding')[1].code, '')) AS identifier_types,
+            len(json_list(r->'photo')) AS n_photos,
             (r->'text') IS NOT NULL AS has_narrative
         FROM base
         """
     )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE deid_patient_src AS
-            SELECT *, {_identifier_pattern_sql('own_identifiers')} AS identifier_pattern FROM deid_patient_src"""
-    )
+    # Notes (DocumentReference attachments, Condition and Observation `note`), scrubbed together.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_note_src AS
+        SELECT 'DocumentReference/' || d.id AS note_id, p.patient_id AS owner,
+               TRY(decode(from_base64(d.resource->'content'->0->'attachment'->>'data'))) AS note
+        FROM {r}.document_reference d JOIN deid_patient_src p ON p.patient_id = ref_id(d.resource->'subject'->>'reference')
+        UNION ALL
+        SELECT t || '/' || id || '/' || k, owner, note FROM (
+            SELECT t, id, owner, unnest(notes)->>'text' AS note, generate_subscripts(notes, 1) AS k
+            FROM (SELECT 'Condition' AS t, c.id, ref_id(c.resource->'subject'->>'reference') AS owner,
+                         json_list(c.resource->'note') AS notes FROM {r}.condition c WHERE (c.resource->'note') IS NOT NULL
+                  UNION ALL
+                  SELECT 'Observation', o.id, ref_id(o.resource->'subject'->>'reference'),
+                         json_list(o.resource->'note') FROM {r}.observation o WHERE (o.resource->'note') IS NOT NULL))""")
+    scrub_notes(con, "SELECT * FROM deid_note_src",
+                "SELECT patient_id AS owner, unnest(flatten([ids.name, ids.identifier, ids.telecom, ids.address, "
+                "ids.birth_date])) AS value FROM deid_patient_src", "deid_notes_scrubbed")
 
     # Encounter pseudonyms once per encounter (not once per referencing row).
     con.execute(
@@ -229,7 +453,7 @@ def deidentify(
                 CASE WHEN age_at_reference >= 90 THEN NULL ELSE year(birth_date) END AS birth_year,
                 age_at_reference >= 90 AS age_90_or_older,
                 deceased,
-                death_date + shift_days AS death_date,
+                deid_date(death_date, shift_days) AS death_date,
                 race, ethnicity, state,
                 CASE WHEN length(zip_digits) < 3 THEN NULL
                      WHEN zip_digits IN ({restricted}) THEN '000' ELSE zip_digits END AS zip3
@@ -238,22 +462,23 @@ def deidentify(
             SELECT k.encounter_key, p.patient_key,
                 coalesce(e.resource->'class'->>'code', e.resource->'class'->0->'coding'->0->>'code') AS encounter_class,
                 codings(e.resource->'type'->0->'coding')[1].code AS type_code,
-                fhir_date(e.resource->'period'->>'start') + p.shift_days AS start_date,
-                fhir_date(e.resource->'period'->>'end') + p.shift_days AS end_date,
+                deid_date(fhir_date(e.resource->'period'->>'start'), p.shift_days) AS start_date,
+                deid_date(fhir_date(e.resource->'period'->>'end'), p.shift_days) AS end_date,
                 e.resource->>'status' AS status
             FROM {r}.encounter e JOIN deid_patient_src p ON p.patient_id = ref_id(e.resource->'subject'->>'reference')
             JOIN deid_encounter_keys k ON k.encounter_id = e.id""",
         "condition": f"""
             SELECT condition_key, patient_key, encounter_key, coding.system AS code_system, coding.code AS code,
-                   onset_date, abatement_date, clinical_status, verification_status
+                   onset_date, abatement_date, recorded_date, clinical_status, verification_status
             FROM (
                 SELECT pseudonym('Condition', c.id) AS condition_key, p.patient_key,
                     k.encounter_key,
                     unnest(codings(c.resource->'code'->'coding')) AS coding,
-                    coalesce(fhir_date(c.resource->>'onsetDateTime'), fhir_date(c.resource->'onsetPeriod'->>'start'),
-                             fhir_date(c.resource->>'recordedDate')) + p.shift_days AS onset_date,
-                    coalesce(fhir_date(c.resource->>'abatementDateTime'),
-                             fhir_date(c.resource->'abatementPeriod'->>'start')) + p.shift_days AS abatement_date,
+                    deid_date(coalesce(fhir_date(c.resource->>'onsetDateTime'),
+                                       fhir_date(c.resource->'onsetPeriod'->>'start')), p.shift_days) AS onset_date,
+                    deid_date(coalesce(fhir_date(c.resource->>'abatementDateTime'),
+                                       fhir_date(c.resource->'abatementPeriod'->>'start')), p.shift_days) AS abatement_date,
+                    deid_date(fhir_date(c.resource->>'recordedDate'), p.shift_days) AS recorded_date,
                     codings(c.resource->'clinicalStatus'->'coding')[1].code AS clinical_status,
                     codings(c.resource->'verificationStatus'->'coding')[1].code AS verification_status
                 FROM {r}.condition c
@@ -265,16 +490,15 @@ def deidentify(
                 SELECT p.patient_key,
                     k.encounter_key,
                     o.resource AS r,
-                    coalesce(fhir_date(o.resource->>'effectiveDateTime'),
-                             fhir_date(o.resource->'effectivePeriod'->>'start'),
-                             fhir_date(o.resource->>'issued')) + p.shift_days AS effective_date
+                    deid_date(coalesce(fhir_date(o.resource->>'effectiveDateTime'),
+                                       fhir_date(o.resource->'effectivePeriod'->>'start'),
+                                       fhir_date(o.resource->>'issued')), p.shift_days) AS effective_date
                 FROM {r}.observation o
                 JOIN deid_patient_src p ON p.patient_id = ref_id(o.resource->'subject'->>'reference')
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(o.resource->'encounter'->>'reference')
             ),
             components AS (
-                SELECT patient_key, encounter_key, effective_date,
-                       unnest(CAST(r->'component' AS JSON[])) AS c
+                SELECT patient_key, encounter_key, effective_date, unnest(json_list(r->'component')) AS c
                 FROM obs WHERE (r->'component') IS NOT NULL
             )
             SELECT patient_key, encounter_key, effective_date,
@@ -297,105 +521,152 @@ def deidentify(
                 k.encounter_key,
                 codings(m.resource->'medicationCodeableConcept'->'coding')[1].code AS rxnorm_code,
                 m.resource->>'status' AS status, m.resource->>'intent' AS intent,
-                fhir_date(m.resource->>'authoredOn') + p.shift_days AS authored_date
+                deid_date(fhir_date(m.resource->>'authoredOn'), p.shift_days) AS authored_date
             FROM {r}.medication_request m
             JOIN deid_patient_src p ON p.patient_id = ref_id(m.resource->'subject'->>'reference')
             LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(m.resource->'encounter'->>'reference')""",
         "document_reference": f"""
             WITH docs AS (
-                SELECT pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, p.identifier_pattern,
+                SELECT pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, n.note_text,
                     k.encounter_key,
-                    coalesce(fhir_date(d.resource->>'date'), fhir_date(d.resource->'context'->'period'->>'start'))
-                        + p.shift_days AS document_date,
-                    codings(d.resource->'type'->'coding')[1].code AS type_code,
-                    TRY(decode(from_base64(d.resource->'content'->0->'attachment'->>'data'))) AS note
+                    deid_date(coalesce(fhir_date(d.resource->>'date'),
+                                       fhir_date(d.resource->'context'->'period'->>'start')), p.shift_days) AS document_date,
+                    codings(d.resource->'type'->'coding')[1].code AS type_code
                 FROM {r}.document_reference d
                 JOIN deid_patient_src p ON p.patient_id = ref_id(d.resource->'subject'->>'reference')
+                LEFT JOIN deid_notes_scrubbed n ON n.note_id = 'DocumentReference/' || d.id
                 LEFT JOIN deid_encounter_keys k
                     ON k.encounter_id = ref_id(d.resource->'context'->'encounter'->0->>'reference')
             )
-            SELECT document_key, patient_key, encounter_key, document_date, type_code,
-                   {_scrub_expression('note', 'identifier_pattern')} AS note_text
-            FROM docs""",
+            SELECT document_key, patient_key, encounter_key, document_date, type_code, note_text FROM docs""",
+        # Annotation.text of Conditions and Observations (FHIR `note`): clinical free text,
+        # scrubbed like the documents; author and time stay behind.
+        "annotation": """
+            SELECT split_part(n.note_id, '/', 1) AS source_type,
+                   pseudonym(split_part(n.note_id, '/', 1), split_part(n.note_id, '/', 2)) AS source_key,
+                   p.patient_key, n.note_text
+            FROM deid_notes_scrubbed n JOIN deid_note_src s USING (note_id) JOIN deid_patient_src p ON p.patient_id = s.owner
+            WHERE n.note_id NOT LIKE 'DocumentReference/%'""",
     }
 
-    raw_counts = {
-        name: con.execute(f"SELECT count(*) FROM {r}.{name}").fetchone()[0] for name in DEID_TABLES
-    }
-    try:
-        with transaction(con):
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {out_schema}")
-            for name, sql in statements.items():
-                con.execute(f"CREATE OR REPLACE TABLE {out_schema}.{name} AS {sql}")
-            rows, orphans, removed = _deid_counts(con, out_schema, raw_counts, restricted)
-            counts = pa.table({"category": list(removed), "removed": list(removed.values())})
-            con.register("removal_counts", counts)
-            con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
-            con.unregister("removal_counts")
-    finally:
-        con.execute("DROP TABLE IF EXISTS deid_patient_src")
-        con.execute("DROP TABLE IF EXISTS deid_encounter_keys")
+    raw_counts = {name: _scalar(con, f"SELECT count(*) FROM {r}.{name}") for name in DEID_TABLES if name != "annotation"}
+    left_behind = _resource_tables_left_behind(con, r)
+    with transaction(con):
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {out_schema}")
+        for name, sql in statements.items():
+            con.execute(f"CREATE OR REPLACE TABLE {out_schema}.{name} AS {sql}")
+        rows, orphans, removed = _deid_counts(con, r, out_schema, raw_counts, restricted, left_behind)
+        counts = pa.table({"category": list(removed), "removed": list(removed.values())})
+        con.register("removal_counts", counts)
+        con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
+        con.unregister("removal_counts")
     return DeidReport(
         rows_by_table=rows,
         removed_by_category=removed,
         orphan_rows_dropped=orphans,
         reference_date=str(reference_date),
+        resource_types_left_behind=left_behind,
     )
 
 
-def _deid_counts(con: duckdb.DuckDBPyConnection, out_schema: str, raw_counts: dict, restricted: str):
-    """Rows per table, rows dropped for lack of a landed patient, and what was removed per category."""
-    rows = {name: con.execute(f"SELECT count(*) FROM {out_schema}.{name}").fetchone()[0] for name in DEID_TABLES}
-    orphans = {}
-    for name in ("encounter", "medication_request", "document_reference"):
-        orphans[name] = raw_counts[name] - rows[name]
-    orphans["condition"] = raw_counts["condition"] - con.execute(
-        f"SELECT count(DISTINCT condition_key) FROM {out_schema}.condition").fetchone()[0]
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str):
+    return con.execute(sql).fetchone()[0]
 
-    removed = dict(zip(
-        ["names", "identifiers", "telecom", "addresses_generalized", "photos", "narratives",
-         "restricted_zip3_to_000", "ages_90_plus_grouped", "birth_dates_to_year"],
-        con.execute(
-            f"""SELECT sum(n_names), sum(n_identifiers), sum(n_telecom), sum(n_addresses), sum(n_photos),
-                       count(*) FILTER (WHERE has_narrative),
-                       count(*) FILTER (WHERE zip_digits IN ({restricted})),
-                       count(*) FILTER (WHERE age_at_reference >= 90),
-                       count(*) FILTER (WHERE birth_date IS NOT NULL)
-                FROM deid_patient_src"""
-        ).fetchone(),
-    ))
-    removed["dates_shifted"] = sum(
-        con.execute(f"SELECT count({col}) FROM {out_schema}.{table}").fetchone()[0]
-        for table, col in [("patient", "death_date"), ("encounter", "start_date"), ("condition", "onset_date"),
+
+def _resource_tables_left_behind(con: duckdb.DuckDBPyConnection, raw_schema: str) -> list[str]:
+    """Raw resource tables that no de-identified table projects (they never cross)."""
+    projected = set(DEID_TABLES) | {"patient"}
+    return [t for (t,) in con.execute(
+        """SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND table_name NOT LIKE '\\_\\_%' ESCAPE '\\'
+           AND table_name NOT IN ('quarantine', 'landing_files', 'export_errors') ORDER BY table_name""",
+        [raw_schema]).fetchall() if t not in projected]
+
+
+def _deid_counts(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, raw_counts: dict, restricted: str,
+                 left_behind: list[str]):
+    """Rows per table, rows dropped for lack of a landed patient, and what was removed or
+    generalized per Safe Harbor category (structured fields), per tag (notes)."""
+    rows = {name: _scalar(con, f"SELECT count(*) FROM {out_schema}.{name}") for name in DEID_TABLES}
+    orphans = {name: raw_counts[name] - rows[name] for name in ("encounter", "medication_request", "document_reference")}
+    orphans["condition"] = raw_counts["condition"] - _scalar(
+        con, f"SELECT count(DISTINCT condition_key) FROM {out_schema}.condition")
+
+    removed = dict.fromkeys(SAFE_HARBOR_CATEGORIES, 0)
+    type_cases = " ".join(f"WHEN '{code}' THEN '{cat}'" for code, cat in IDENTIFIER_TYPE_CATEGORY.items())
+    for category, count in con.execute(
+        f"""SELECT CASE t {type_cases} ELSE 'other_identifiers' END, count(*)
+            FROM (SELECT unnest(identifier_types) AS t FROM deid_patient_src) GROUP BY ALL"""
+    ).fetchall():
+        removed[category] += count
+    for system, count in con.execute(
+        "SELECT s, count(*) FROM (SELECT unnest(telecom_systems) AS s FROM deid_patient_src) GROUP BY ALL"
+    ).fetchall():
+        removed[{"fax": "fax_numbers", "email": "email_addresses", "url": "urls"}.get(system, "telephone_numbers")] += count
+    names, addresses, photos, narratives, zip000, aged_90, births = con.execute(
+        f"""SELECT sum(n_names), sum(n_addresses), sum(n_photos), count(*) FILTER (WHERE has_narrative),
+                   count(*) FILTER (WHERE zip_digits IN ({restricted})),
+                   count(*) FILTER (WHERE age_at_reference >= 90), count(birth_date)
+            FROM deid_patient_src"""
+    ).fetchone()
+    removed["names"] += int(names or 0)
+    removed["geographic_subdivisions"] += int(addresses or 0)
+    removed["photos"] += int(photos or 0)
+    # `identifier` arrays of the other projected resources (encounter numbers, claim ids, …)
+    for table in ("encounter", "condition", "observation", "medication_request", "document_reference"):
+        removed["other_identifiers"] += int(_scalar(
+            con, f"SELECT coalesce(sum(len(json_list(resource->'identifier'))), 0) FROM {r}.{table}"))
+    if "device" in left_behind:
+        removed["device_identifiers"] += int(_scalar(con, f"SELECT count(*) FROM {r}.device"))
+    removed["dates"] = int(births or 0) + sum(
+        _scalar(con, f"SELECT count({col}) FROM {out_schema}.{table}")
+        for table, col in [("patient", "death_date"), ("encounter", "start_date"), ("encounter", "end_date"),
+                           ("condition", "onset_date"), ("condition", "abatement_date"), ("condition", "recorded_date"),
                            ("observation", "effective_date"), ("medication_request", "authored_date"),
                            ("document_reference", "document_date")]
     )
-    note_tags = con.execute(
+    removed["narratives_removed"] = int(narratives or 0)
+    removed["restricted_zip3_to_000"] = int(zip000 or 0)
+    removed["ages_90_plus_grouped"] = int(aged_90 or 0)
+    removed["resources_left_behind"] = sum(int(_scalar(con, f"SELECT count(*) FROM {r}.{t}")) for t in left_behind)
+    tags = "|".join(NOTE_TAGS)
+    for tag, count in con.execute(
         f"""SELECT tag, count(*) FROM (
-                SELECT unnest(regexp_extract_all(note_text, '\\[(REDACTED|NAME|URL|EMAIL|SSN|DATE|PHONE|IP|ID|ADDRESS|ZIP|AGE_90_PLUS)\\]', 1)) AS tag
-                FROM {out_schema}.document_reference) GROUP BY tag"""
-    ).fetchall()
-    for tag, count in note_tags:
+                SELECT unnest(regexp_extract_all(note_text, '\\[({tags})\\]', 1)) AS tag
+                FROM (SELECT note_text FROM {out_schema}.document_reference
+                      UNION ALL SELECT note_text FROM {out_schema}.annotation)) GROUP BY tag"""
+    ).fetchall():
         removed[f"note_{tag.lower()}"] = count
     return rows, orphans, {k: int(v or 0) for k, v in removed.items()}
 
 
 # --- leak scan -------------------------------------------------------------------------------
 
-def _identifier_values_sql(raw_schema: str) -> str:
-    """Original identifier values from the raw Patient resources, lower-cased, by category."""
-    p = f"{raw_schema}.patient"
+def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> str:
+    """Original identifying values from the raw tables, lower-cased, by category: each
+    Patient's (and contact's) names, identifiers, telecom, address parts and birth date, and
+    the names of Practitioners and RelatedPersons where those were landed."""
+    existing = {t for (t,) in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [raw_schema]).fetchall()}
+    parts = [
+        f"SELECT 'name' AS category, unnest(ids.name) AS value FROM ids",
+        "SELECT 'identifier', unnest(ids.identifier) FROM ids",
+        "SELECT 'telecom', unnest(ids.telecom) FROM ids",
+        "SELECT 'address', unnest(ids.address) FROM ids",
+        "SELECT 'birth_date', unnest(ids.birth_date) FROM ids",
+        # the raw resource id: derived tables carry pseudonyms only, never a key back into `raw`
+        f"SELECT 'resource_id', id FROM {raw_schema}.patient",
+    ]
+    for table in ("practitioner", "related_person"):
+        if table in existing:
+            parts.append(f"SELECT 'name', unnest(name_parts(human_names(resource->'name'))) FROM {raw_schema}.{table}")
+            parts.append(f"SELECT 'telecom', unnest(telecom_values(resource->'telecom')) FROM {raw_schema}.{table}")
     return f"""
-    SELECT DISTINCT category, lower(trim(value)) AS value FROM (
-        SELECT 'name' AS category, unnest(list_concat(
-            flatten(list_transform(CAST(resource->'name' AS JSON[]), lambda n: coalesce(CAST(n->'given' AS VARCHAR[]), []))),
-            list_transform(CAST(resource->'name' AS JSON[]), lambda n: n->>'family'))) AS value FROM {p}
-        UNION ALL SELECT 'identifier', unnest(list_transform(CAST(resource->'identifier' AS JSON[]), lambda i: i->>'value')) FROM {p}
-        UNION ALL SELECT 'telecom', unnest(list_transform(CAST(resource->'telecom' AS JSON[]), lambda t: t->>'value')) FROM {p}
-        UNION ALL SELECT 'address', unnest(flatten(list_transform(CAST(resource->'address' AS JSON[]),
-                                                   lambda a: coalesce(CAST(a->'line' AS VARCHAR[]), [])))) FROM {p}
-        UNION ALL SELECT 'birth_date', resource->>'birthDate' FROM {p}
-    ) WHERE value IS NOT NULL AND length(trim(value)) >= 3
+    WITH ids AS (SELECT {_patient_identifier_values_sql('resource')} AS ids FROM {raw_schema}.patient)
+    SELECT DISTINCT category, lower(trim(value)) AS value,
+           lower(regexp_extract(trim(value), '[\\p{{L}}\\p{{N}}]+')) AS first_token,
+           regexp_full_match(trim(value), '[\\p{{L}}\\p{{N}}]+') AS single_token
+    FROM ({' UNION ALL '.join(parts)})
+    WHERE value IS NOT NULL AND length(trim(value)) >= 3
     """
 
 
@@ -403,12 +674,14 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], raw
     """Scan every text column of ``tables`` for original identifier values.
 
     Returns one row per (table, column, category) with a hit count, never the values themselves,
-    so the result is safe to log and to show as metadata. Single-word identifiers are matched
-    against the texts' whitespace tokens (a hash join); identifiers containing spaces (street
-    lines, some phone formats) are matched by substring.
+    so the result is safe to log and to show as metadata. Texts are cut into runs of Unicode
+    letters and digits; a one-word identifier must equal such a run (a hash join), a longer one
+    ("12 Elm St", "555-010-4477") is looked for as a substring of the texts holding its first run.
     """
-    con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(raw_schema)}")
+    register_macros(con)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(con, raw_schema)}")
     findings = []
+    tags = "|".join(t.lower() for t in NOTE_TAGS)
     try:
         for table in tables:
             schema, name = table.split(".")
@@ -419,24 +692,25 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], raw
                 rows = con.execute(
                     f"""WITH texts AS (
                             SELECT row_number() OVER () AS text_id, text
-                            FROM (SELECT DISTINCT lower("{column}") AS text FROM {table} WHERE "{column}" IS NOT NULL)),
+                            -- the scrubber's own tags ("[PHONE]") are not data: a patient named
+                            -- "Phone" must not fail the check on every scrubbed note
+                            FROM (SELECT DISTINCT regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
+                                  FROM {table} WHERE "{column}" IS NOT NULL)),
                         tokens AS (
-                            SELECT DISTINCT text_id,
-                                regexp_replace(unnest(string_split_regex(text, '\\s+')), '^[^\\w]+|[^\\w]+$', '', 'g') AS token
-                            FROM texts),
-                        ids AS (SELECT *, string_split(value, ' ')[1] AS first_token FROM leak_ids)
-                        -- one-word identifiers: equal to a token
-                        SELECT i.category, count(*) FROM ids i JOIN tokens t ON t.token = i.value
-                        WHERE i.value NOT LIKE '% %' GROUP BY i.category
+                            SELECT DISTINCT text_id, unnest(regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+')) AS token
+                            FROM texts)
+                        SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
+                        WHERE i.single_token GROUP BY i.category
                         UNION ALL
-                        -- several words: substring check, only in texts holding the first word
-                        SELECT i.category, count(*) FROM ids i
+                        SELECT i.category, count(*) FROM leak_ids i
                         JOIN tokens t ON t.token = i.first_token
                         JOIN texts x ON x.text_id = t.text_id AND contains(x.text, i.value)
-                        WHERE i.value LIKE '% %' GROUP BY i.category"""
+                        WHERE NOT i.single_token GROUP BY i.category"""
                 ).fetchall()
                 for category, hits in rows:
                     findings.append({"table": table, "column": column, "category": category, "hits": int(hits)})
+    except duckdb.Error as error:
+        raise DeidentificationError(f"leak scan failed: {safe_error_message(error)}") from None
     finally:
         con.execute("DROP TABLE IF EXISTS leak_ids")
     return findings

@@ -27,6 +27,8 @@ import orjson
 
 from clinical_ml.ingest import CORE_RESOURCE_TYPES
 
+# Marks every generated Patient, so the published demo de-id key can be refused for real data.
+SYNTHETIC_TAG = {"system": "urn:clinical-ml-platform:source", "code": "synthetic"}
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition"
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -266,7 +268,7 @@ class _PatientWriter:
         resource = {
             "resourceType": "Patient",
             "id": self.pid,
-            "meta": {"profile": [f"{US_CORE}/us-core-patient"]},
+            "meta": {"profile": [f"{US_CORE}/us-core-patient"], "tag": [SYNTHETIC_TAG]},
             "text": {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{self.display_name}</div>'},
             "extension": [
                 {"url": f"{US_CORE}/us-core-race", "extension": [

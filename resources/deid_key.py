@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+from datetime import date
+from typing import Optional
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -19,6 +21,16 @@ class DeidKey(ConfigurableResource):
     demo_mode_env_var: str = Field(default="CLINICAL_DEMO_MODE",
                                    description="When this variable is 1, a missing key falls back to the demo key.")
     date_shift_max_days: int = Field(default=365, description="Per-patient date shift range, +/- days.")
+    date_mode: str = Field(default_factory=lambda: os.environ.get("DEID_DATE_MODE", "shift"),
+                           description="shift: every date moves by a secret per-patient offset (keeps intervals); "
+                           "year: every date is generalized to 1 January of its year.")
+    age_reference_date: Optional[str] = Field(
+        default_factory=lambda: os.environ.get("DEID_AGE_REFERENCE_DATE") or None,
+        description="ISO date at which ages over 89 are grouped; default today (or the end of the record if later). "
+        "Pin it to make re-runs on other days identical.")
+
+    def reference_date(self) -> Optional[date]:
+        return date.fromisoformat(self.age_reference_date) if self.age_reference_date else None
 
     def key(self) -> bytes:
         value = os.environ.get(self.key_env_var, "")

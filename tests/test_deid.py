@@ -1,7 +1,7 @@
 import duckdb
 import pytest
 
-from clinical_ml.deid import (DEID_TABLES, MissingSecretKey, date_shift_days, deidentify, find_identifier_leaks,
+from clinical_ml.deid import (DEID_TABLES, DeidentificationError, MissingSecretKey, date_shift_days, deidentify, find_identifier_leaks,
                               pseudonym, scrub_notes_sql)
 from clinical_ml.ingest import land_ndjson
 from clinical_ml.synthetic import patient_identifiers
@@ -139,7 +139,7 @@ def test_a_failed_deidentification_leaves_the_previous_tables(small_export):
     # Break a later stage (observation) after earlier tables would already have been replaced.
     con.execute("DELETE FROM raw.patient WHERE rowid % 2 = 0")
     con.execute("ALTER TABLE raw.observation RENAME COLUMN resource TO broken")
-    with pytest.raises(duckdb.BinderException):
+    with pytest.raises(DeidentificationError):
         deidentify(con, TEST_KEY)
     assert con.execute("SELECT count(*), min(patient_key) FROM deid.patient").fetchone() == before
     assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary").fetchone()[0]

@@ -53,7 +53,9 @@ def drift_report(context: AssetExecutionContext, config: CurrentBatchConfig, war
     with warehouse.connect() as con:
         reference = read_feature_matrix(con)
         feature_spec = read_feature_spec(con)
-    current = features_for_batch(batch_dir, deid_key.key(), feature_spec, deid_key.date_shift_max_days)
+    current = features_for_batch(batch_dir, deid_key.key(), feature_spec, deid_key.date_shift_max_days,
+                                 date_mode=deid_key.date_mode, reference_date=deid_key.reference_date(),
+                                 synthetic_only=deid_key.is_demo_key())
     table = drift_table(reference, current, MODEL_FEATURES, config.psi_threshold)
     report_id = str(uuid.uuid4())
     html_path = data_home() / "reports" / f"drift-{report_id}.html"

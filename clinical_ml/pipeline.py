@@ -12,7 +12,8 @@ from clinical_ml.features import FeatureSpec, build_feature_matrix
 from clinical_ml.ingest import land_ndjson
 
 
-def features_for_batch(ndjson_dir: str | Path, key: bytes, spec: FeatureSpec, max_shift_days: int = 365) -> pl.DataFrame:
+def features_for_batch(ndjson_dir: str | Path, key: bytes, spec: FeatureSpec, max_shift_days: int = 365,
+                       **deid_options) -> pl.DataFrame:
     """Land, de-identify and featurize a batch in a private in-memory database.
 
     The same code as the main path, so a monitoring batch is processed exactly like training
@@ -21,7 +22,7 @@ def features_for_batch(ndjson_dir: str | Path, key: bytes, spec: FeatureSpec, ma
     con = duckdb.connect(":memory:")
     try:
         land_ndjson(con, ndjson_dir)
-        deidentify(con, key, max_shift_days=max_shift_days)
+        deidentify(con, key, max_shift_days=max_shift_days, **deid_options)
         return build_feature_matrix(con, spec)
     finally:
         con.close()

@@ -21,3 +21,12 @@ def test_every_asset_has_a_group_description_and_owner():
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.group_name != "default" and node.description and node.owners, key
+
+
+def test_every_asset_from_deidentification_on_has_a_blocking_leak_check():
+    protected = {AssetKey(k) for k in ["deidentified_fhir", "feature_matrix", "trained_model", "validation_report",
+                                       "drift_report", "audit_record"]}
+    leak_checks = {spec.asset_key: spec for checks_def in defs.asset_checks for spec in checks_def.check_specs
+                   if spec.name.endswith("_has_no_identifiers")}
+    for key in protected:
+        assert key in leak_checks and leak_checks[key].blocking, key.to_user_string()

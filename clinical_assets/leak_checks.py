@@ -1,0 +1,29 @@
+"""The blocking leak check on everything downstream of de-identification (the de-identified
+tables and the feature matrix have theirs beside their assets): each derived table's text is
+scanned for the raw identifiers, and one hit stops every asset downstream."""
+
+from dagster import AssetCheckResult, AssetChecksDefinition, AssetsDefinition, asset_check
+
+from clinical_assets.audit import audit_record
+from clinical_assets.deidentified import leak_check_result
+from clinical_assets.drift import drift_report
+from clinical_assets.model import trained_model
+from clinical_assets.validation import validation_report
+from resources.warehouse import DuckDBWarehouse
+
+
+def build_leak_check(asset: AssetsDefinition, tables: list[str]) -> AssetChecksDefinition:
+    @asset_check(asset=asset, name=f"{asset.key.path[-1]}_has_no_identifiers", blocking=True,
+                 description=f"No original identifier value appears in {', '.join(tables)}.")
+    def _check(warehouse: DuckDBWarehouse) -> AssetCheckResult:
+        return leak_check_result(warehouse, tables)
+
+    return _check
+
+
+DOWNSTREAM_LEAK_CHECKS = [
+    build_leak_check(trained_model, ["ml.models", "ml.test_predictions"]),
+    build_leak_check(validation_report, ["ml.validation_report", "ml.subgroup_performance"]),
+    build_leak_check(drift_report, ["monitoring.drift_report"]),
+    build_leak_check(audit_record, ["audit.audit_log"]),
+]

@@ -53,7 +53,12 @@ _MONTH_NAMES = ("january|february|march|april|june|july|august|september|october
 _MONTH = rf"(?:{_MONTH_NAMES}|may)\b\.?"
 _MONTH_NO_YEAR = rf"(?:(?i:{_MONTH_NAMES})|May)\b\.?"
 _YEAR = r"(?:1[89]|20)\d{2}"
-_NAME = r"\p{Lu}[\p{L}'’-]+"
+_NAME_WORD = r"\p{Lu}[\p{L}'’-]+"
+# A capitalized name word or one the own-identifier pass already replaced, then more words,
+# with lower-case particles ("Van der Berg", "de la Cruz").
+_NAME_PART = rf"(?:{_NAME_WORD}|\[REDACTED\])"
+_NAME = (rf"{_NAME_PART}(?:\s+(?:(?:van|von|der|den|de|del|della|da|di|du|la|le|bin|ibn|al|ter|ten)\s+)*"
+         rf"{_NAME_PART}){{0,2}}")
 
 # Scrubbing patterns for free text, applied in order after the patient's own identifiers.
 # (RE2 syntax, replacement). Kept as data so tests and the benchmark can report per tag.
@@ -83,13 +88,13 @@ NOTE_PATTERNS: tuple[tuple[str, str], ...] = (
      r"Cir|Circle|Pkwy|Parkway|Hwy|Highway|Sq|Square)\b\.?(?:,?\s+(?:Apt|Apartment|Unit|Suite|Ste|#)\.?\s*[A-Z0-9-]+)?",
      "[ADDRESS]"),
     (r"(?i)\b(?:P\.?O\.?\s+Box|Apt|Apartment|Unit|Suite)\.?\s*#?\s*\d+[A-Z]?\b", "[ADDRESS]"),
-    (rf"\b(?i:lives|living|resides|residing|resident|moved|relocated)\s+(?i:in|at|to|of)\s+{_NAME}(?:\s+{_NAME})?"
-     rf"(?:,\s+\p{{Lu}}\p{{Lu}}|,\s+{_NAME})?", "[LOCATION]"),
+    (rf"\b(?i:lives|living|resides|residing|resident|moved|relocated)\s+(?i:in|at|to|of)\s+{_NAME}"
+     rf"(?:,\s+\p{{Lu}}\p{{Lu}}\b|,\s+{_NAME})?", "[LOCATION]"),
     (r"\b\d{5}(?:-\d{4})?\b", "[ZIP]"),
-    (rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Doctor)\.?\s+{_NAME}(?:\s+{_NAME})?", "[NAME]"),
+    (rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Doctor)\.?\s+{_NAME}", "[NAME]"),
     (rf"\b((?i:wife|husband|son|daughter|mother|father|brother|sister|partner|spouse|fiancée?|friend|"
      rf"neighbou?r|caregiver|guardian|aunt|uncle|cousin|niece|nephew|grandmother|grandfather|grandson|"
-     rf"granddaughter)),?\s+(?:is\s+|named\s+)?{_NAME}(?:\s+{_NAME})?", r"\1 [NAME]"),
+     rf"granddaughter)),?\s+(?:is\s+|named\s+)?{_NAME}", r"\1 [NAME]"),
     (r"\b\p{Lu}\p{Ll}+\d+\b", "[NAME]"),  # Synthea-style names with digits ("Medhurst46")
     # Safe Harbor: ages over 89 are aggregated ("93 year-old" -> "[AGE_90_PLUS] year-old").
     (r"(?i)\b(?:9\d|1[0-4]\d)([- ](?:years?|yrs?|yo)(?:[- ]old)?|\s*y\.?\s?o\.?|\s*yo\b)", r"[AGE_90_PLUS]\1"),

@@ -50,7 +50,10 @@ def encounter(pid: str, eid: str, start: str, end: str) -> dict:
 
 
 def deid_text(con) -> str:
-    return "\n".join(str(row) for t in DEID_TABLES for row in con.execute(f"SELECT * FROM deid.{t}").fetchall()).lower()
+    """Every text value of every de-identified table (not reprs: a patient named "True" or
+    "None" must not match a boolean or a NULL)."""
+    return "\n".join(v for t in DEID_TABLES for row in con.execute(f"SELECT * FROM deid.{t}").fetchall()
+                     for v in row if isinstance(v, str)).lower()
 
 
 def test_accented_and_hyphenated_names_are_scrubbed_and_caught_by_the_leak_check(tmp_path):

@@ -87,8 +87,19 @@ def build_feature_matrix_sql(spec: FeatureSpec, schema: str = "deid") -> str:
     statins = ", ".join(f"'{c}'" for c in STATIN_RXNORM)
     smokers = ", ".join(f"'{c}'" for c in CURRENT_SMOKER_SNOMED)
     return f"""
-    WITH htn AS (
-        SELECT patient_key, min(onset_date) AS htn_onset FROM {schema}.condition
+    WITH conditions AS (
+        -- Refuted or entered-in-error diagnoses are not diagnoses. A condition is dated by its
+        -- onset, else by when it was recorded; it counts as known at the index date only if it
+        -- had also been recorded by then (a back-dated onset entered later is future knowledge).
+        SELECT *, coalesce(onset_date, recorded_date) AS dated,
+               coalesce(onset_date, recorded_date) < {idx} AND coalesce(recorded_date < {idx}, true) AS known_at_index
+        FROM {schema}.condition
+        WHERE coalesce(verification_status NOT IN ('refuted', 'entered-in-error'), true)
+    ),
+    htn AS (
+        -- An undated hypertension diagnosis cannot be placed before or after the index date:
+        -- such patients are left out rather than guessed into either class.
+        SELECT patient_key, min(dated) AS htn_onset, bool_or(dated IS NULL) AS htn_undated FROM conditions
         WHERE {HYPERTENSION_CODE_SQL} GROUP BY patient_key
     ),
     enc AS (
@@ -125,7 +136,7 @@ def build_feature_matrix_sql(spec: FeatureSpec, schema: str = "deid") -> str:
     ),
     dx AS (
         SELECT patient_key, {dx_cols}
-        FROM {schema}.condition WHERE onset_date < {idx} GROUP BY patient_key
+        FROM conditions WHERE known_at_index GROUP BY patient_key
     ),
     meds AS (
         SELECT patient_key, count(DISTINCT rxnorm_code) AS n_distinct_medications,
@@ -145,6 +156,8 @@ def build_feature_matrix_sql(spec: FeatureSpec, schema: str = "deid") -> str:
     ),
     cohort AS (
         SELECT p.patient_key, p.gender AS sex, p.race,
+            -- Safe Harbor hides the birth year of anyone 90+ today; they are counted as 90 at
+            -- the index date too (an over-estimate by at most the years since the index date).
             CASE WHEN p.birth_year IS NULL AND p.age_90_or_older THEN 90
                  ELSE least(year({idx}) - p.birth_year, 90) END AS age_at_index,
             h.htn_onset, e.*  EXCLUDE (patient_key)
@@ -153,7 +166,7 @@ def build_feature_matrix_sql(spec: FeatureSpec, schema: str = "deid") -> str:
         LEFT JOIN htn h USING (patient_key)
         WHERE (p.death_date IS NULL OR p.death_date > {idx})
           AND e.encounters_lookback > 0 AND e.encounters_horizon > 0
-          AND (h.htn_onset IS NULL OR h.htn_onset > {idx})
+          AND (h.htn_onset IS NULL OR h.htn_onset > {idx}) AND NOT coalesce(h.htn_undated, false)
     )
     SELECT
         c.patient_key,

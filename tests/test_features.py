@@ -71,3 +71,35 @@ def test_schema_rejects_an_impossible_feature_matrix(deid_con):
     with pytest.raises(SchemaErrors) as err:
         FeatureMatrixSchema.validate(broken, lazy=True)
     assert {"sbp_last", "label"} <= set(err.value.failure_cases["column"].to_list())
+
+
+def test_conditions_count_only_when_known_at_the_index_date(small_export):
+    """Refuted diagnoses are ignored, back-dated entries recorded after the index date are not
+    features, and an undated hypertension diagnosis takes the patient out of the cohort."""
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    spec = FeatureSpec()
+    before = build_feature_matrix(con, spec)
+    negatives = before.filter((pl.col("label") == 0) & (pl.col("dx_diabetes") == 0))["patient_key"].to_list()
+    late, refuted, undated = negatives[:3]
+    idx = spec.index_date
+    rows = [
+        # diabetes with an onset before the index date, but entered into the record after it
+        (late, "44054006", date(idx.year - 1, 1, 1), date(idx.year, 6, 1), None),
+        # hypertension before the index date, refuted
+        (refuted, "59621000", date(idx.year - 1, 1, 1), date(idx.year - 1, 1, 1), "refuted"),
+        # hypertension with no date at all
+        (undated, "59621000", None, None, None),
+    ]
+    for patient_key, code, onset, recorded, verification in rows:
+        con.execute("""INSERT INTO deid.condition (condition_key, patient_key, code_system, code, onset_date,
+                                                   recorded_date, verification_status)
+                       VALUES ('test-' || ?, ?, 'http://snomed.info/sct', ?, ?, ?, ?)""",
+                    [patient_key, patient_key, code, onset, recorded, verification])
+    after = build_feature_matrix(con, spec)
+    row = lambda key: after.filter(pl.col("patient_key") == key).to_dicts()  # noqa: E731
+    assert row(late)[0]["dx_diabetes"] == 0
+    assert row(refuted)[0]["label"] == 0
+    assert row(undated) == []
+    assert after.height == before.height - 1

@@ -256,8 +256,10 @@ def _validation_failures(con: duckdb.DuckDBPyConnection, schema: str, rtype: str
             model.model_validate_json(text)
         except ValidationError as err:
             first = err.errors()[0] if err.errors() else {"loc": (), "type": "invalid"}
-            detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['type']}"
+            detail = f"{_safe_location(first['loc'], first['type'])}: {first['type']}"
             failures.append((source_file, line_no, f"FHIR R4B validation failed at {detail}"[:200]))
+        except Exception as err:  # a validator that raised something else: the type only, never the text
+            failures.append((source_file, line_no, f"FHIR R4B validation failed: {type(err).__name__}"))
     if failures:
         con.register("validation_failures", pa.table({
             "source_file": [f[0] for f in failures], "line_no": [f[1] for f in failures],
@@ -267,19 +269,52 @@ def _validation_failures(con: duckdb.DuckDBPyConnection, schema: str, rtype: str
         con.unregister("validation_failures")
 
 
-def read_deleted(ndjson_dir: Path) -> list[tuple[str, str]]:
-    """(resource type, id) of the DELETE entries in ``deleted/*.ndjson`` Bundles."""
-    deleted = []
-    for path in sorted((ndjson_dir / "deleted").glob("*.ndjson")) if (ndjson_dir / "deleted").is_dir() else []:
-        for line in path.read_bytes().splitlines():
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+def _safe_location(loc: tuple, error_type: str) -> str:
+    """An error location without anything that may be data: an unknown key (extra_forbidden)
+    is the resource's own text, and so is any segment that does not look like a field name."""
+    parts = [str(p) if isinstance(p, int) or _FIELD_NAME.fullmatch(str(p)) else "<key>" for p in loc]
+    if error_type == "extra_forbidden" and parts:
+        parts[-1] = "<extra>"
+    return ".".join(parts)
+
+
+_FIELD_NAME = re.compile(r"[a-z_][A-Za-z0-9_]{0,63}")
+
+
+def read_deleted(ndjson_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, int, str, str]]]:
+    """(resource type, id) of the DELETE entries in ``deleted/*.ndjson`` Bundles, and the lines
+    that could not be used, as (file, line number, reason, line) for the quarantine. A resource
+    type must look like one (``[A-Z][A-Za-z]+``): it names a table in SQL."""
+    deleted, bad = [], []
+    folder = ndjson_dir / "deleted"
+    for path in sorted(folder.glob("*.ndjson")) if folder.is_dir() else []:
+        name = f"deleted/{path.name}"
+        for line_no, line in enumerate(path.read_bytes().split(b"\n"), start=1):
             if not line.strip():
                 continue
-            for entry in orjson.loads(line).get("entry", []):
-                request = entry.get("request", {})
-                parts = request.get("url", "").strip("/").split("/")
-                if request.get("method") == "DELETE" and len(parts) >= 2:
+            text = line.decode("utf-8", errors="replace")
+            try:
+                bundle = orjson.loads(line)
+                entries = bundle.get("entry", []) if isinstance(bundle, dict) else None
+                if not isinstance(entries, list):
+                    raise ValueError("not a Bundle with an entry list")
+            except (orjson.JSONDecodeError, ValueError) as err:
+                reason = "invalid JSON" if isinstance(err, orjson.JSONDecodeError) else str(err)
+                bad.append((name, line_no, f"deleted: {reason}", text))
+                continue
+            for entry in entries:
+                request = entry.get("request") if isinstance(entry, dict) else None
+                if not isinstance(request, dict) or request.get("method") != "DELETE":
+                    continue
+                parts = str(request.get("url", "")).strip("/").split("/")
+                if len(parts) >= 2 and _RESOURCE_TYPE.fullmatch(parts[-2]) and parts[-1]:
                     deleted.append((parts[-2], parts[-1]))
-    return deleted
+                else:
+                    bad.append((name, line_no, "deleted: DELETE entry without a <Type>/<id> url", text))
+    return deleted, bad
 
 
 def _read_export_errors(ndjson_dir: Path) -> list[tuple[str, str]]:
@@ -311,7 +346,7 @@ def land_ndjson(
     files, skipped = resource_files(ndjson_dir)
     report = LandingReport(landing_id=str(uuid.uuid4()), mode=mode, files=[p.name for _, p in files],
                            skipped_files=[p.name for p in skipped])
-    deleted = read_deleted(ndjson_dir)
+    deleted, bad_deletions = read_deleted(ndjson_dir)
     errors = _read_export_errors(ndjson_dir)
     types = sorted({t for t, _ in files} | set(CORE_RESOURCE_TYPES) | {t for t, _ in deleted})
 
@@ -327,7 +362,10 @@ def land_ndjson(
                 _validation_failures(con, schema, rtype, validate, validation_sample_size)
             _settle_stage(con, schema, rtype, report.landing_id)
             con.execute(f"ALTER TABLE {_stage(schema, table_name(rtype))} DROP COLUMN reason")
-        _count_files(con, schema, types, report.landing_id)
+        if bad_deletions:
+            con.executemany(f"INSERT INTO {_stage(schema, 'quarantine')} VALUES (?, ?, ?, 'Bundle', ?, ?)",
+                            [(report.landing_id, *b) for b in bad_deletions])
+        _count_files(con, schema, types, report.landing_id, _line_counts(files))
         with transaction(con):
             report.deleted = _commit_raw_tables(con, schema, types, mode, deleted)
             _commit_bookkeeping(con, schema, mode, report.landing_id, errors)
@@ -337,20 +375,45 @@ def land_ndjson(
     return _fill_report(con, schema, types, report, len(errors))
 
 
-def _count_files(con: duckdb.DuckDBPyConnection, schema: str, types: list[str], landing_id: str) -> None:
+def _line_counts(files: list[tuple[str, Path]]) -> dict[str, tuple[str, int]]:
+    """Physical lines per file, counted from the bytes alone (independently of how lines were
+    classified), so a line lost between reading and landing breaks the reconciliation."""
+    counts = {}
+    for rtype, path in files:
+        newlines, last = 0, b""
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK_BYTES):
+                newlines += chunk.count(b"\n")
+                last = chunk[-1:]
+        counts[path.name] = (rtype, newlines + (1 if last not in (b"", b"\n") else 0))
+    return counts
+
+
+def _count_files(con: duckdb.DuckDBPyConnection, schema: str, types: list[str], landing_id: str,
+                 line_counts: dict[str, tuple[str, int]]) -> None:
     loaded = " UNION ALL ".join(
         f"SELECT source_file, '{t}' AS resource_type, count(*) AS n FROM {_stage(schema, table_name(t))} GROUP BY source_file"
         for t in types)
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE landing_file_counts AS
-            WITH loaded AS ({loaded}),
-                 quarantined AS (SELECT source_file, resource_type, count(*) AS n
-                                 FROM {_stage(schema, 'quarantine')} GROUP BY ALL)
-            SELECT ? AS landing_id, source_file, resource_type,
-                   coalesce(l.n, 0) + coalesce(q.n, 0) AS lines_read, coalesce(l.n, 0) AS loaded,
-                   coalesce(q.n, 0) AS quarantined
-            FROM loaded l FULL OUTER JOIN quarantined q USING (source_file, resource_type)
-            ORDER BY source_file""", [landing_id])
+    con.register("file_line_counts", pa.table({"source_file": list(line_counts),
+                                               "file_type": [t for t, _ in line_counts.values()],
+                                               "n": [n for _, n in line_counts.values()]}))
+    try:
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE landing_file_counts AS
+                WITH loaded AS ({loaded}),
+                     quarantined AS (SELECT source_file, resource_type, count(*) AS n
+                                     FROM {_stage(schema, 'quarantine')} GROUP BY ALL),
+                     counted AS (SELECT source_file, coalesce(l.resource_type, q.resource_type) AS resource_type,
+                                        coalesce(l.n, 0) AS loaded, coalesce(q.n, 0) AS quarantined
+                                 FROM loaded l FULL OUTER JOIN quarantined q USING (source_file, resource_type))
+                SELECT ? AS landing_id, source_file, coalesce(c.resource_type, f.file_type) AS resource_type,
+                       -- lines of resource files come from the bytes; deleted/ lines are only quarantined ones
+                       coalesce(f.n, c.loaded + c.quarantined) AS lines_read, coalesce(c.loaded, 0) AS loaded,
+                       coalesce(c.quarantined, 0) AS quarantined
+                FROM counted c FULL OUTER JOIN file_line_counts f USING (source_file)
+                ORDER BY source_file""", [landing_id])
+    finally:
+        con.unregister("file_line_counts")
 
 
 def _commit_raw_tables(con, schema: str, types: list[str], mode: Mode, deleted: list[tuple[str, str]]) -> int:

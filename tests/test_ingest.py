@@ -93,7 +93,8 @@ def test_strict_validation_quarantines_invalid_resources_without_echoing_values(
     patients = [
         {"resourceType": "Patient", "id": "ok", "gender": "female", "birthDate": "1970-01-01"},
         {"resourceType": "Patient", "id": "bad-date", "birthDate": "Jane-Doe-born-1970"},
-        {"resourceType": "Patient", "id": "bad-field", "gender": "female", "favouriteColour": "teal"},
+        # an unknown key can itself be data: it must not be echoed either
+        {"resourceType": "Patient", "id": "bad-field", "gender": "female", "JaneDoeNotes": "teal"},
     ]
     (tmp_path / "Patient.000.ndjson").write_text("\n".join(json.dumps(p) for p in patients) + "\n")
     con = duckdb.connect()
@@ -101,8 +102,8 @@ def test_strict_validation_quarantines_invalid_resources_without_echoing_values(
     assert report.reconciles and report.loaded == 1 and report.quarantined == 2
     reasons = dict(con.execute("SELECT line_no, reason FROM raw.quarantine").fetchall())
     assert reasons[2].startswith("FHIR R4B validation failed at birthDate")
-    assert reasons[3].startswith("FHIR R4B validation failed at favouriteColour")
-    assert "Jane" not in reasons[2]
+    assert reasons[3] == "FHIR R4B validation failed at <extra>: extra_forbidden"
+    assert "Jane" not in reasons[2] + reasons[3]
     # without validation, all three are structurally fine and load
     assert land_ndjson(duckdb.connect(), tmp_path).loaded == 3
 
@@ -116,3 +117,47 @@ def test_an_oversize_line_is_quarantined_and_the_rest_of_the_file_loads(tmp_path
     report = land_ndjson(con, tmp_path)
     assert report.reconciles and report.loaded == 3
     assert con.execute("SELECT line_no, reason FROM raw.quarantine").fetchall() == [(2, "line longer than 200 bytes")]
+
+
+def test_deleted_entries_with_bad_lines_or_unsafe_types_are_quarantined_not_fatal(tmp_path):
+    (tmp_path / "Patient.000.ndjson").write_text(
+        "\n".join(json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(3)) + "\n")
+    con = duckdb.connect()
+    land_ndjson(con, tmp_path)
+    (tmp_path / "deleted").mkdir()
+    bundle = lambda url: json.dumps({"resourceType": "Bundle", "type": "transaction",  # noqa: E731
+                                     "entry": [{"request": {"method": "DELETE", "url": url}}]})
+    (tmp_path / "deleted" / "del.ndjson").write_text("\n".join([
+        bundle("Patient/p1"),
+        "{not json",
+        bundle('Patient"; DROP TABLE raw.patient; --/p2'),  # a type that is SQL, not a resource type
+        json.dumps([1, 2]),
+    ]) + "\n")
+    (tmp_path / "Patient.000.ndjson").write_text(
+        "\n".join(json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in (0, 2)) + "\n")
+    report = land_ndjson(con, tmp_path, mode="merge")
+    assert report.deleted == 1 and report.reconciles
+    assert sorted(i for (i,) in con.execute("SELECT id FROM raw.patient").fetchall()) == ["p0", "p2"]
+    reasons = con.execute("SELECT source_file, line_no, reason FROM raw.quarantine WHERE source_file LIKE 'deleted/%' "
+                          "ORDER BY line_no").fetchall()
+    assert [(f, n) for f, n, _ in reasons] == [("deleted/del.ndjson", 2), ("deleted/del.ndjson", 3),
+                                                ("deleted/del.ndjson", 4)]
+
+
+def test_lines_read_come_from_the_file_not_from_the_classification(tmp_path, monkeypatch):
+    lines = [json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(5)]
+    (tmp_path / "Patient.000.ndjson").write_text("\n".join(lines))  # no final newline: still 5 lines
+    con = duckdb.connect()
+    report = land_ndjson(con, tmp_path)
+    assert (report.lines_read, report.loaded, report.reconciles) == (5, 5, True)
+    # a landing that lost a line on the way must not reconcile
+    original = ingest._settle_stage
+
+    def lose_one(con, schema, rtype, landing_id):
+        con.execute(f"""DELETE FROM {ingest._stage(schema, ingest.table_name(rtype))}
+                        WHERE line_no = (SELECT max(line_no) FROM {ingest._stage(schema, ingest.table_name(rtype))})""")
+        original(con, schema, rtype, landing_id)
+
+    monkeypatch.setattr(ingest, "_settle_stage", lose_one)
+    report = land_ndjson(duckdb.connect(), tmp_path)
+    assert report.lines_read == 5 and report.loaded == 4 and not report.reconciles

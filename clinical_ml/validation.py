@@ -25,7 +25,9 @@ class Thresholds:
 
 def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray, specificity: float = 0.90) -> float:
     """Highest sensitivity among operating points whose specificity is at least ``specificity``."""
-    fpr, tpr, _ = roc_curve(y_true, score)
+    # Every threshold: the default drops collinear points, and the best point under the
+    # specificity bound can be one of them. Tied scores share one threshold (one point).
+    fpr, tpr, _ = roc_curve(y_true, score, drop_intermediate=False)
     allowed = fpr <= (1.0 - specificity) + 1e-12
     return float(tpr[allowed].max()) if allowed.any() else 0.0
 
@@ -88,6 +90,12 @@ def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresho
         values = subgroups.filter((pl.col("attribute") == attribute) & pl.col("evaluable"))["auroc"]
         gaps.append(float(values.max() - values.min()) if len(values) >= 2 else math.nan)
     worst_gap = max((g for g in gaps if not math.isnan(g)), default=math.nan)
+    # A subgroup too small to measure is a subgroup whose performance nobody has checked.
+    unevaluable = [f"{r['attribute']}={r['group']} (n={r['n']}, {r['positives']} positives)"
+                   for r in subgroups.filter(~pl.col("evaluable")).iter_rows(named=True)]
+    gap_rule = f"< {thresholds.max_subgroup_auroc_gap}"
+    if unevaluable:
+        gap_rule += f"; not evaluable (< {MIN_CLASS_COUNT} positives or negatives): " + ", ".join(unevaluable)
 
     auroc = float(roc_auc_score(y, s))
     sens = sensitivity_at_specificity(y, s, 0.90)
@@ -99,8 +107,8 @@ def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresho
          sens >= thresholds.min_sensitivity_at_90_specificity),
         ("calibration_slope", slope, f"{low} to {high}", low <= slope <= high),
         # A gap that cannot be measured (too few cases in a subgroup) does not pass.
-        ("subgroup_auroc_gap", worst_gap, f"< {thresholds.max_subgroup_auroc_gap}",
-         not math.isnan(worst_gap) and worst_gap < thresholds.max_subgroup_auroc_gap),
+        ("subgroup_auroc_gap", worst_gap, gap_rule,
+         not unevaluable and not math.isnan(worst_gap) and worst_gap < thresholds.max_subgroup_auroc_gap),
         ("cv_auroc_std", cv_auroc_std, f"< {thresholds.max_cv_auroc_std}", cv_auroc_std < thresholds.max_cv_auroc_std),
         ("brier_score", float(brier_score_loss(y, s)), "reported", True),
         ("n_test", float(len(y)), "reported", True),

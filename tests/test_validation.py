@@ -52,3 +52,26 @@ def test_a_model_that_fails_one_subgroup_fails_the_gap_rule():
     assert not report.passed("subgroup_auroc_gap") and report.value("subgroup_auroc_gap") > 0.1
     groups = report.subgroups.filter(pl.col("attribute") == "sex")
     assert groups.filter(pl.col("group") == "male")["auroc"][0] < groups.filter(pl.col("group") == "female")["auroc"][0]
+
+
+def test_sensitivity_uses_every_operating_point_and_treats_ties_as_one():
+    # 10 negatives, 10 positives. 5 positives at 0.9 -> (fpr 0, tpr .5); one positive and one
+    # negative at 0.8 -> (.1, .6); again at 0.7 -> (.2, .7); the rest at 0.1. The three points
+    # are collinear, so roc_curve's default drops (.1, .6), the answer at 90% specificity.
+    y = np.array([1] * 5 + [1, 0] + [1, 0] + [1] * 3 + [0] * 8)
+    s = np.array([0.9] * 5 + [0.8, 0.8] + [0.7, 0.7] + [0.1] * 11)
+    assert sensitivity_at_specificity(y, s, 0.90) == pytest.approx(0.6)
+    # a tie straddling the bound: 2 negatives and 2 positives at 0.8 -> (.2, .7) is over the
+    # allowed fpr of .1, and the tie cannot be split, so the answer is the point before it
+    y = np.array([1] * 5 + [1, 1, 0, 0] + [1] * 3 + [0] * 8)
+    s = np.array([0.9] * 5 + [0.8] * 4 + [0.1] * 11)
+    assert sensitivity_at_specificity(y, s, 0.90) == pytest.approx(0.5)
+
+
+def test_a_subgroup_too_small_to_measure_fails_the_gap_rule_and_says_which():
+    predictions = _predictions()
+    tiny = predictions.head(6).with_columns(pl.lit("other").alias("sex"))
+    report = validate(pl.concat([tiny, predictions.slice(6)]), cv_auroc_std=0.01)
+    assert not report.passed("subgroup_auroc_gap")
+    rule = report.metrics.filter(pl.col("metric") == "subgroup_auroc_gap")["rule"][0]
+    assert "not evaluable" in rule and "sex=other (n=6" in rule

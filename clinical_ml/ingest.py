@@ -124,9 +124,11 @@ def _drop_stages(con: duckdb.DuckDBPyConnection, schema: str) -> None:
         con.execute(f'DROP TABLE IF EXISTS {schema}."{name}"')
 
 
-def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, path: Path, landing_id: str) -> bool:
-    """Fast path: DuckDB reads and parses the file into the staging table. False when the file
-    needs line-by-line reading (nothing of it is then left staged)."""
+def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, path: Path,
+                       landing_id: str) -> int | None:
+    """Fast path: DuckDB reads and parses the file into the staging table; returns the file's
+    line count, proven by its size. None when the file needs line-by-line reading (nothing of
+    it is then left staged)."""
     stage = _stage(schema, table_name(rtype))
     try:
         con.execute(
@@ -137,7 +139,7 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
             [path.name, landing_id, str(path)],
         )
     except duckdb.InvalidInputException:
-        return False  # a malformed, non-UTF-8 or oversize line somewhere: the insert did not happen
+        return None  # a malformed, non-UTF-8 or oversize line somewhere: the insert did not happen
     # DuckDB skips blank lines, which would shift its numbering. It keeps each object's text
     # byte for byte, so the staged bytes plus one newline per line add up to the file size
     # exactly when there are none (also catching CRLF endings and padded lines).
@@ -149,8 +151,8 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
         newlines = rows if handle.read(1) == b"\n" else rows - 1
     if path.stat().st_size != text_bytes + newlines:
         con.execute(f"DELETE FROM {stage} WHERE source_file = ?", [path.name])
-        return False
-    return True
+        return None
+    return rows
 
 
 def _split_lines(path: Path):
@@ -184,9 +186,12 @@ def _decode(pieces: list[bytes]) -> tuple[list[str], list[bool]]:
         return lines, ok
 
 
-def _stage_line_by_line(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, path: Path, landing_id: str) -> None:
+def _stage_line_by_line(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, path: Path, landing_id: str) -> int:
+    """Slow path: split the file into lines ourselves; returns the number of lines read."""
     stage, quarantine = _stage(schema, table_name(rtype)), _stage(schema, "quarantine")
+    n_lines = 0
     for first_line, pieces in _split_lines(path):
+        n_lines += len(pieces)
         lines, ok = _decode(pieces)
         con.register("landing_batch", pa.table({
             "line_no": pa.array(range(first_line, first_line + len(lines)), pa.int64()),
@@ -215,6 +220,7 @@ def _stage_line_by_line(con: duckdb.DuckDBPyConnection, schema: str, rtype: str,
                 WHERE NOT coalesce(doc IS NOT NULL AND keys[1] = ? AND coalesce(keys[2], '') <> '', false)""",
             [landing_id, path.name, rtype, rtype])
     con.execute("DROP TABLE IF EXISTS landing_parsed")
+    return n_lines
 
 
 def _settle_stage(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, landing_id: str) -> None:
@@ -353,10 +359,15 @@ def land_ndjson(
     _drop_stages(con, schema)  # leftovers of a crashed landing
     try:
         _create_stages(con, schema, types)
+        # Lines per file as read (before any line is classified), so a line lost between
+        # reading and landing breaks the reconciliation instead of vanishing from both sides.
+        line_counts: dict[str, tuple[str, int]] = {}
         for rtype, path in files:
-            if not _stage_with_duckdb(con, schema, rtype, path, report.landing_id):
+            n_lines = _stage_with_duckdb(con, schema, rtype, path, report.landing_id)
+            if n_lines is None:
                 report.files_read_line_by_line.append(path.name)
-                _stage_line_by_line(con, schema, rtype, path, report.landing_id)
+                n_lines = _stage_line_by_line(con, schema, rtype, path, report.landing_id)
+            line_counts[path.name] = (rtype, n_lines)
         for rtype in types:
             if validate != "none":
                 _validation_failures(con, schema, rtype, validate, validation_sample_size)
@@ -365,7 +376,7 @@ def land_ndjson(
         if bad_deletions:
             con.executemany(f"INSERT INTO {_stage(schema, 'quarantine')} VALUES (?, ?, ?, 'Bundle', ?, ?)",
                             [(report.landing_id, *b) for b in bad_deletions])
-        _count_files(con, schema, types, report.landing_id, _line_counts(files))
+        _count_files(con, schema, types, report.landing_id, line_counts)
         with transaction(con):
             report.deleted = _commit_raw_tables(con, schema, types, mode, deleted)
             _commit_bookkeeping(con, schema, mode, report.landing_id, errors)
@@ -373,20 +384,6 @@ def land_ndjson(
         _drop_stages(con, schema)
         con.execute("DROP TABLE IF EXISTS landing_file_counts")
     return _fill_report(con, schema, types, report, len(errors))
-
-
-def _line_counts(files: list[tuple[str, Path]]) -> dict[str, tuple[str, int]]:
-    """Physical lines per file, counted from the bytes alone (independently of how lines were
-    classified), so a line lost between reading and landing breaks the reconciliation."""
-    counts = {}
-    for rtype, path in files:
-        newlines, last = 0, b""
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK_BYTES):
-                newlines += chunk.count(b"\n")
-                last = chunk[-1:]
-        counts[path.name] = (rtype, newlines + (1 if last not in (b"", b"\n") else 0))
-    return counts
 
 
 def _count_files(con: duckdb.DuckDBPyConnection, schema: str, types: list[str], landing_id: str,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import math
 import random
 import shutil
 import threading
@@ -48,7 +50,12 @@ class BulkDataError(RuntimeError):
 
 
 def operation_outcome_text(response: httpx.Response) -> str:
-    """The diagnostics of an OperationOutcome body, or a short excerpt of whatever came back."""
+    """The diagnostics of an OperationOutcome body, or a short excerpt of whatever came back,
+    on one line and at most 500 characters (it goes into error messages and logs)."""
+    return re.sub(r"[\x00-\x1f\x7f\s]+", " ", _server_text(response)).strip()[:500]
+
+
+def _server_text(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
@@ -81,6 +88,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None,
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if not math.isfinite(seconds):  # "inf", "nan", "1e999": not a delay
+        return None
     return min(max(seconds, minimum), maximum)
 
 
@@ -260,7 +269,9 @@ class BulkDataClient:
                 params: dict | None = None, accept_status: tuple[int, ...] = (200,)) -> httpx.Response:
         """A request whose status is in ``accept_status``, after retries; else BulkDataError."""
         refreshed = False
-        for attempt in range(self.max_retries + 1):
+        attempt = -1
+        while attempt < self.max_retries:
+            attempt += 1
             try:
                 response = self.http.request(method, url, params=params,
                                              headers=self._headers(headers, with_auth))
@@ -274,13 +285,14 @@ class BulkDataClient:
             if response.status_code == 401 and with_auth and self.auth is not None and not refreshed:
                 refreshed = True  # expired or revoked token: get a new one once, then retry
                 self.auth.token(self.http, force_refresh=True)
+                attempt -= 1  # the refresh does not use up a retry
                 continue
             if response.status_code in RETRYABLE_STATUS and attempt < self.max_retries:
                 self._wait_before_retry(attempt, response, f"{method} {url}: HTTP {response.status_code}")
                 continue
             raise BulkDataError(f"{method} {url} failed with HTTP {response.status_code}: "
                                 f"{operation_outcome_text(response)}", response.status_code)
-        raise AssertionError("unreachable")
+        raise BulkDataError(f"{method} {url}: no attempts left")  # only reachable with max_retries < 0
 
     # -- the export flow ---------------------------------------------------------------------
     def kickoff(self, export: ExportRequest) -> str:

@@ -28,3 +28,48 @@ def test_export_request_levels_and_parameters():
     params = ExportRequest(types=("Patient", "Observation"), since="2026-01-01T00:00:00Z").params()
     assert params == {"_outputFormat": "application/fhir+ndjson", "_type": "Patient,Observation",
                       "_since": "2026-01-01T00:00:00Z"}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_retry_after_is_ignored(value):
+    assert parse_retry_after(value, now=NOW) is None
+
+
+class _FakeAuth:
+    def __init__(self):
+        self.refreshes = 0
+
+    def discover(self, http, base_url):
+        pass
+
+    def token(self, http, force_refresh=False):
+        self.refreshes += force_refresh
+        return f"token-{self.refreshes}"
+
+
+def _client(statuses, body=b""):
+    import httpx
+
+    from clinical_ml.bulk_client import BulkDataClient
+
+    replies = iter(statuses)
+    client = BulkDataClient("http://fhir.test", auth=_FakeAuth(), max_retries=1, sleep=lambda s: None)
+    client.http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(next(replies), content=body)))
+    return client
+
+
+def test_a_401_on_the_last_attempt_refreshes_the_token_and_retries():
+    client = _client([503, 401, 200])
+    assert client.request("GET", "http://fhir.test/x").status_code == 200
+    assert client.auth.refreshes == 1
+
+
+def test_a_persistent_401_is_a_clear_error_with_the_server_text_on_one_capped_line():
+    from clinical_ml.bulk_client import BulkDataError
+
+    body = b'{"resourceType": "OperationOutcome", "issue": [{"diagnostics": "token revoked\\n\\x1b[31m' + b"x" * 2000 + b'"}]}'
+    with pytest.raises(BulkDataError) as err:
+        _client([401, 401], body).request("GET", "http://fhir.test/x")
+    assert err.value.status_code == 401
+    message = str(err.value)
+    assert "token revoked" in message and "\n" not in message and "\x1b" not in message and len(message) < 600

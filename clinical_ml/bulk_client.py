@@ -372,32 +372,49 @@ class BulkDataClient:
         request_key = json.dumps({"base": self.base_url, "path": export.path(), "params": export.params()}, sort_keys=True)
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
         resumed = state.get("request_key") == request_key and not state.get("complete")
-        if not resumed:
+        fresh = {"request_key": request_key, "status_url": None, "manifest": None, "files": {}, "complete": False}
+
+        def start_over() -> dict:
             for old in directory.iterdir():  # a new export never mixes with an older one's files
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-            state = {"request_key": request_key, "status_url": None, "manifest": None, "files": {}, "complete": False}
+            return json.loads(json.dumps(fresh))
+
+        if not resumed:
+            state = start_over()
         deadline = time.monotonic() + self.overall_timeout_s
-        status_url = state.get("status_url")
         try:
-            if not status_url:
-                status_url = self.kickoff(export)
-                state["status_url"] = status_url
+            try:
+                result = self._run(export, directory, state, state_path, deadline)
+            except BulkDataError as err:
+                # The server forgot the export we were resuming (expired or cleaned up): its
+                # status or file URLs answer 404/410. Start one new export; fail if that does too.
+                if not (resumed and err.status_code in (404, 410)):
+                    raise
+                self.log(f"the export being resumed is gone on the server (HTTP {err.status_code}): starting a new one")
+                state, resumed = start_over(), False
                 _write_json(state_path, state)
-            manifest = state.get("manifest") or self.poll(status_url, deadline)
-            state["manifest"] = manifest
-            _write_json(state_path, state)
-            result = self._download_all(manifest, directory, state, state_path)
+                result = self._run(export, directory, state, state_path, deadline)
         except Exception:
             raise  # keep the state: the next run resumes this export
         except BaseException:
-            if status_url and not state.get("complete"):
-                self.cancel(status_url)  # interrupted on purpose: free the server's work
+            if state.get("status_url") and not state.get("complete"):
+                self.cancel(state["status_url"])  # interrupted on purpose: free the server's work
                 state_path.unlink(missing_ok=True)
             raise
         state["complete"] = True
         _write_json(state_path, state)
         result.resumed = resumed
         return result
+
+    def _run(self, export: ExportRequest, directory: Path, state: dict, state_path: Path,
+             deadline: float) -> ExportResult:
+        """Kick off (unless resuming), poll, download; every step recorded in ``state``."""
+        if not state.get("status_url"):
+            state["status_url"] = self.kickoff(export)
+            _write_json(state_path, state)
+        state["manifest"] = state.get("manifest") or self.poll(state["status_url"], deadline)
+        _write_json(state_path, state)
+        return self._download_all(state["manifest"], directory, state, state_path)
 
     def _download_all(self, manifest: dict, directory: Path, state: dict, state_path: Path) -> ExportResult:
         requires_token = bool(manifest.get("requiresAccessToken"))

@@ -214,3 +214,18 @@ def test_fhir_source_exports_then_exports_incrementally(tmp_path):
         source.record_landed_export(first.export)
         second = source.fetch()
         assert second.mode == "merge" and source.export_request().since == first.export.transaction_time
+
+
+def test_a_resumed_export_the_server_forgot_starts_once_more(tmp_path, clean_reference):
+    with BulkDataServer.from_synthetic(n_patients=40, seed=3) as server:
+        server.faults.drop_mid_download = {"Observation.000.ndjson": 5}
+        with client_for(server, max_retries=1, max_parallel_downloads=1) as client:
+            with pytest.raises(BulkDataError, match="Observation"):
+                client.export(ExportRequest(), tmp_path)
+        server.faults.drop_mid_download = {}
+        server._jobs.clear()  # the export expired on the server: its URLs now answer 404
+        with client_for(server) as client:
+            result = client.export(ExportRequest(), tmp_path)
+        assert not result.resumed
+        assert len([r for r in server.requests if r[1].endswith("$export")]) == 2
+    assert landed_fingerprint(tmp_path) == clean_reference

@@ -144,6 +144,35 @@ class SmartBackendAuth:
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
+        self.token_retries = 4
+        self.sleep: Callable[[float], None] = time.sleep  # replaceable in tests
+
+    def _request_token(self, http: httpx.Client) -> httpx.Response:
+        """POST the client assertion; a busy or failing token endpoint (429, 5xx, connection
+        error) is retried with backoff, a refusal is a clear error. The assertion (a bearer
+        credential for five minutes) never goes into a message."""
+        for attempt in range(self.token_retries + 1):
+            try:
+                response = http.post(self.token_url, data={
+                    "grant_type": "client_credentials",
+                    "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    "client_assertion": self.assertion(),
+                    "scope": self.scope,
+                }, headers={"Accept": "application/json"})
+            except httpx.TransportError as err:
+                if attempt == self.token_retries:
+                    raise BulkDataError(f"token endpoint unreachable: {type(err).__name__}") from None
+                self.sleep(min(2.0 ** attempt, 30.0))
+                continue
+            if response.status_code == 200:
+                return response
+            if response.status_code in RETRYABLE_STATUS and attempt < self.token_retries:
+                delay = parse_retry_after(response.headers.get("Retry-After"))
+                self.sleep(min(2.0 ** attempt, 30.0) if delay is None else delay)
+                continue
+            raise BulkDataError(f"token request refused ({response.status_code}): "
+                                f"{operation_outcome_text(response)}", response.status_code)
+        raise BulkDataError("token request: no attempts left")
 
     @staticmethod
     def from_setting(client_id: str, private_key: str, **kwargs) -> "SmartBackendAuth":
@@ -170,15 +199,7 @@ class SmartBackendAuth:
         with self._lock:
             if not force_refresh and self._token and time.time() < self._expires_at - self.refresh_margin_s:
                 return self._token
-            response = http.post(self.token_url, data={
-                "grant_type": "client_credentials",
-                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                "client_assertion": self.assertion(),
-                "scope": self.scope,
-            }, headers={"Accept": "application/json"})
-            if response.status_code != 200:
-                raise BulkDataError(f"token request refused ({response.status_code}): "
-                                    f"{operation_outcome_text(response)}", response.status_code)
+            response = self._request_token(http)
             body = response.json()
             self._token = body["access_token"]
             self._expires_at = time.time() + float(body.get("expires_in", 300))

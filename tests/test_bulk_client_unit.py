@@ -73,3 +73,32 @@ def test_a_persistent_401_is_a_clear_error_with_the_server_text_on_one_capped_li
     assert err.value.status_code == 401
     message = str(err.value)
     assert "token revoked" in message and "\n" not in message and "\x1b" not in message and len(message) < 600
+
+
+def test_the_token_endpoint_is_retried_when_busy_and_its_refusal_never_shows_the_assertion():
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from clinical_ml.bulk_client import BulkDataError, SmartBackendAuth
+
+    pem = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    auth = SmartBackendAuth("client-1", pem, token_url="http://fhir.test/token")
+    waits = []
+    auth.sleep = waits.append
+    replies = iter([httpx.Response(503, headers={"Retry-After": "3"}), httpx.Response(429),
+                    httpx.Response(200, json={"access_token": "abc", "expires_in": 300})])
+    http = httpx.Client(transport=httpx.MockTransport(lambda request: next(replies)))
+    assert auth.token(http) == "abc" and waits == [3.0, 2.0]
+
+    sent = []
+
+    def refuse(request):
+        sent.append(request.content.decode())
+        return httpx.Response(400, json={"error": "invalid_client", "error_description": "unknown key"})
+
+    with pytest.raises(BulkDataError, match="invalid_client") as err:
+        auth.token(httpx.Client(transport=httpx.MockTransport(refuse)), force_refresh=True)
+    assertion = sent[0].split("client_assertion=")[1].split("&")[0]
+    assert assertion and assertion not in str(err.value)

@@ -77,8 +77,11 @@ def append_record(con: duckdb.DuckDBPyConnection, body: dict) -> AuditRecord:
     return AuditRecord(sequence=sequence, record_id=record_id, record_hash=digest, previous_hash=previous)
 
 
-def verify_chain(con: duckdb.DuckDBPyConnection) -> tuple[bool, int | None]:
-    """(intact, first broken sequence or None). Recomputes every hash from the stored bodies."""
+def verify_chain(con: duckdb.DuckDBPyConnection, head: tuple[int, str] | None = None) -> tuple[bool, int | None]:
+    """(intact, first broken sequence or None). Recomputes every hash from the stored bodies.
+
+    A chain cannot show that records were cut off its end; ``head`` (the sequence and hash of
+    the last record appended, kept outside the table) can: that record must still be there."""
     con.execute(_DDL)
     previous = GENESIS_HASH
     expected_sequence = 1
@@ -89,6 +92,10 @@ def verify_chain(con: duckdb.DuckDBPyConnection) -> tuple[bool, int | None]:
         if sequence != expected_sequence or prev_hash != previous or record_hash(previous, body_json) != digest:
             return False, sequence
         previous, expected_sequence = digest, sequence + 1
+        if head and sequence == head[0] and digest != head[1]:
+            return False, sequence
+    if head and expected_sequence <= head[0]:  # the last appended record is gone
+        return False, expected_sequence
     return True, None
 
 

@@ -45,3 +45,20 @@ def test_table_hash_ignores_row_order_but_not_content():
     con.execute("CREATE TABLE b AS SELECT * FROM (VALUES (2, 'y'), (1, 'x')) t(i, s)")
     con.execute("CREATE TABLE c AS SELECT * FROM (VALUES (2, 'y'), (1, 'z')) t(i, s)")
     assert table_hash(con, "a") == table_hash(con, "b") != table_hash(con, "c")
+
+
+def test_cutting_records_off_the_end_of_the_audit_log_is_detected(tmp_path):
+    from resources.audit_store import AuditStore
+    from resources.warehouse import DuckDBWarehouse
+
+    store = AuditStore(warehouse=DuckDBWarehouse(path=str(tmp_path / "w.duckdb")))
+    for i in range(3):
+        store.append({"run": i})
+    assert store.verify() == (True, None)
+    with store.warehouse.connect() as con:
+        con.execute("DELETE FROM audit.audit_log WHERE sequence = 3")  # the chain itself stays consistent
+        assert verify_chain(con) == (True, None)
+    assert store.verify() == (False, 3)  # but the head kept outside the table knows record 3
+    with store.warehouse.connect() as con:
+        con.execute("DELETE FROM audit.audit_log")
+    assert store.verify() == (False, 1)

@@ -17,6 +17,7 @@ A directory may also hold what a Bulk Data export's manifest points to besides o
 
 from __future__ import annotations
 
+import gzip
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ CORE_RESOURCE_TYPES = (
 )
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a single resource larger than this is quarantined
 _CHUNK_BYTES = 64 * 1024 * 1024
-_RESOURCE_FILE = re.compile(r"^([A-Z][A-Za-z]+)(?:\.[^.]+)*\.ndjson$")
+_RESOURCE_FILE = re.compile(r"^([A-Z][A-Za-z]+)(?:\.[^.]+)*?\.ndjson(?:\.gz)?$")
 
 Mode = Literal["replace", "merge"]
 
@@ -72,8 +73,8 @@ class LandingReport:
 
 
 def resource_files(ndjson_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
-    """(resource type, path) for each ``<Type>[.nnn].ndjson`` file; other files are skipped
-    (e.g. a Bulk export's ``log.ndjson``)."""
+    """(resource type, path) for each ``<Type>[.nnn].ndjson`` file (or ``.ndjson.gz``); other
+    NDJSON-looking files are reported as skipped (e.g. a Bulk export's ``log.ndjson``)."""
     found, skipped = [], []
     for path in sorted(Path(ndjson_dir).iterdir()):
         if not path.is_file():
@@ -81,13 +82,31 @@ def resource_files(ndjson_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]
         match = _RESOURCE_FILE.match(path.name)
         if match:
             found.append((match.group(1), path))
-        elif path.suffix == ".ndjson":
+        elif ".ndjson" in path.name:
             skipped.append(path)
     return found, skipped
 
 
 _KEYS = "['$.resourceType', '$.id']"
 _STAGE_PREFIX = "__landing_"
+
+
+def _open(path: Path):
+    """The file's bytes, gunzipped when it is ``.gz`` (Bulk Data folders are often compressed)."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _content_size_and_last_byte(path: Path) -> tuple[int, bytes]:
+    if not path.name.endswith(".gz"):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            handle.seek(max(size - 1, 0))
+            return size, handle.read(1)
+    size, last = 0, b""
+    with gzip.open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            size, last = size + len(chunk), chunk[-1:]
+    return size, last
 
 
 def _stage(schema: str, name: str) -> str:
@@ -146,10 +165,9 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
     rows, text_bytes = con.execute(
         f"SELECT count(*), coalesce(sum(strlen(resource)), 0) FROM {stage} WHERE source_file = ?", [path.name]
     ).fetchone()
-    with open(path, "rb") as handle:
-        handle.seek(max(path.stat().st_size - 1, 0))
-        newlines = rows if handle.read(1) == b"\n" else rows - 1
-    if path.stat().st_size != text_bytes + newlines:
+    size, last_byte = _content_size_and_last_byte(path)
+    newlines = rows if last_byte == b"\n" else rows - 1
+    if size != text_bytes + newlines:
         con.execute(f"DELETE FROM {stage} WHERE source_file = ?", [path.name])
         return None
     return rows
@@ -159,7 +177,7 @@ def _split_lines(path: Path):
     """Yield (first line number, list of raw lines) per chunk of the file."""
     line_no = 1
     carry = b""
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         while chunk := handle.read(_CHUNK_BYTES):
             pieces = (carry + chunk).split(b"\n")
             carry = pieces.pop()

@@ -161,3 +161,27 @@ def test_lines_read_come_from_the_file_not_from_the_classification(tmp_path, mon
     monkeypatch.setattr(ingest, "_settle_stage", lose_one)
     report = land_ndjson(duckdb.connect(), tmp_path)
     assert report.lines_read == 5 and report.loaded == 4 and not report.reconciles
+
+
+def test_gzipped_ndjson_lands_like_plain_and_unknown_ndjson_files_are_reported(tmp_path):
+    import gzip
+
+    lines = [json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(4)]
+    plain, zipped = tmp_path / "plain", tmp_path / "zipped"
+    plain.mkdir(), zipped.mkdir()
+    (plain / "Patient.000.ndjson").write_text("\n".join(lines) + "\n")
+    with gzip.open(zipped / "Patient.000.ndjson.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with gzip.open(zipped / "Patient.001.ndjson.gz", "wt") as handle:
+        handle.write(json.dumps({"resourceType": "Patient", "id": "p9"}) + "\n{broken\n")
+    (zipped / "Patient.000.ndjson.bak").write_text(lines[0] + "\n")
+    con = duckdb.connect()
+    report = land_ndjson(con, zipped)
+    assert (report.lines_read, report.loaded, report.quarantined, report.reconciles) == (6, 5, 1, True)
+    assert report.files_read_line_by_line == ["Patient.001.ndjson.gz"]  # the clean one took the fast path
+    assert report.skipped_files == ["Patient.000.ndjson.bak"]
+    assert con.execute("SELECT line_no, reason FROM raw.quarantine").fetchall() == [(2, "invalid JSON")]
+    fast = duckdb.connect()
+    land_ndjson(fast, plain)
+    assert (con.execute("SELECT count(*) FROM raw.patient WHERE id IN ('p0','p1','p2','p3')").fetchone()
+            == fast.execute("SELECT count(*) FROM raw.patient").fetchone())

@@ -31,6 +31,8 @@ def deidentified_fhir(context: AssetExecutionContext, warehouse: DuckDBWarehouse
         "rows_by_table": counts_table(report.rows_by_table, "table", "rows"),
         "removed_by_category": counts_table(report.removed_by_category, "category", "removed or generalized"),
         "orphan_rows_dropped": counts_table(report.orphan_rows_dropped, "table", "rows without a landed patient"),
+        "medications_by_source": counts_table(report.medications_by_source, "named by", "requests"),
+        "medication_references_unresolved": report.medication_references_unresolved,
         "age_reference_date": report.reference_date,
         "date_mode": deid_key.date_mode,
         "resource_types_left_behind": MetadataValue.json(report.resource_types_left_behind),
@@ -38,9 +40,9 @@ def deidentified_fhir(context: AssetExecutionContext, warehouse: DuckDBWarehouse
     })
 
 
-def leak_check_result(warehouse: DuckDBWarehouse, tables: list[str]) -> AssetCheckResult:
+def leak_check_result(warehouse: DuckDBWarehouse, deid_key: DeidKey, tables: list[str]) -> AssetCheckResult:
     with warehouse.connect() as con:
-        findings = find_identifier_leaks(con, tables)
+        findings = find_identifier_leaks(con, tables, deid_key.key())
     metadata = {"tables_scanned": len(tables), "hits": sum(f["hits"] for f in findings)}
     if findings:  # where and which category, never the values
         metadata["findings"] = markdown_table(pl.DataFrame(findings))
@@ -48,8 +50,9 @@ def leak_check_result(warehouse: DuckDBWarehouse, tables: list[str]) -> AssetChe
 
 
 @asset_check(asset=deidentified_fhir, blocking=True,
-             description="No original name, identifier, phone, e-mail, address part (street, city, zip) or "
-             "birth date of a landed Patient (contacts included), nor a Practitioner/RelatedPerson name, appears "
-             "in any de-identified text column.")
-def deidentified_fhir_has_no_identifiers(warehouse: DuckDBWarehouse) -> AssetCheckResult:
-    return leak_check_result(warehouse, [f"deid.{t}" for t in DEID_TABLES])
+             description="No original identifier of a landed Patient (contacts included) appears in any "
+             "de-identified text column: identifiers, phones, e-mails, street lines, full zip, birth dates, resource "
+             "ids and full names anywhere (Practitioner/RelatedPerson full names too); single name tokens and the "
+             "city in the patient's own rows. Honorifics and degrees are not identifiers.")
+def deidentified_fhir_has_no_identifiers(warehouse: DuckDBWarehouse, deid_key: DeidKey) -> AssetCheckResult:
+    return leak_check_result(warehouse, deid_key, [f"deid.{t}" for t in DEID_TABLES])

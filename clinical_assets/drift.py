@@ -52,7 +52,8 @@ def drift_report(context: AssetExecutionContext, config: CurrentBatchConfig, war
         batch = f"synthetic n={spec.n_patients} seed={spec.seed} drift={spec.drift}"
     with warehouse.connect() as con:
         reference = read_feature_matrix(con)
-        feature_spec = read_feature_spec(con)
+        # the same cohort rules; landmarks derived from the batch's own data unless pinned
+        feature_spec, _ = read_feature_spec(con)
     current = features_for_batch(batch_dir, deid_key.key(), feature_spec, deid_key.date_shift_max_days,
                                  date_mode=deid_key.date_mode, reference_date=deid_key.reference_date(),
                                  synthetic_only=deid_key.is_demo_key())

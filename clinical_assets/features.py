@@ -1,20 +1,32 @@
 from datetime import date
+from typing import Optional
 
 import polars as pl
 from dagster import AssetCheckResult, Config, MaterializeResult, asset, asset_check
+from pydantic import Field
 
 from clinical_assets.deidentified import deidentified_fhir, leak_check_result
 from clinical_assets.metadata import markdown_table
-from clinical_ml.features import MODEL_FEATURES, FeatureSpec, build_feature_matrix, write_feature_matrix
+from clinical_ml.features import (MODEL_FEATURES, FeatureSpec, build_feature_matrix, landmark_summary, resolve_landmarks,
+                                  write_feature_matrix)
 from clinical_ml.training import frame_hash
+from resources.deid_key import DeidKey
 from resources.warehouse import DuckDBWarehouse
 
 
 class FeatureConfig(Config):
-    index_date: str = "2022-01-01"
+    landmarks: Optional[list[str]] = Field(
+        default=None, description="ISO dates to pin the landmarks; default: derived from the data (every "
+        "landmark_interval_months back from data end - horizon, at most max_landmarks).")
+    landmark_interval_months: int = 12
+    max_landmarks: int = 10
     horizon_days: int = 730
     lookback_days: int = 1095
     min_age: int = 18
+
+    def spec(self) -> FeatureSpec:
+        pinned = tuple(date.fromisoformat(d) for d in self.landmarks) if self.landmarks else None
+        return FeatureSpec(landmarks=pinned, **self.model_dump(exclude={"landmarks"}))
 
 
 def feature_summary(frame: pl.DataFrame) -> pl.DataFrame:
@@ -30,23 +42,29 @@ def feature_summary(frame: pl.DataFrame) -> pl.DataFrame:
     group_name="features",
     kinds={"duckdb", "polars"},
     owners=["team:clinical-ml"],
-    description="One row per patient at the index date (`features.feature_matrix`): demographics, "
-    "BP/BMI/lab windows and trends, diagnosis flags, medications, utilization and note mentions "
-    "(negation-aware), all strictly before the index date; label = hypertension within the horizon. "
-    "Validated with a pandera schema.",
+    description="Landmark cohort (`features.feature_matrix`): one row per (patient, landmark date), landmarks "
+    "every 12 months across the span the data covers. Eligible: adult, alive, not yet diagnosed, history in the "
+    "lookback window, observed through the horizon (else censored, not negative). Features strictly before the "
+    "landmark: demographics, BP/BMI/lab windows and trends, diagnosis flags, medications, utilization, note "
+    "mentions (negation-aware); label = first hypertension diagnosis within the horizon. Pandera-validated.",
 )
 def feature_matrix(config: FeatureConfig, warehouse: DuckDBWarehouse) -> MaterializeResult:
-    spec = FeatureSpec(index_date=date.fromisoformat(config.index_date), horizon_days=config.horizon_days,
-                       lookback_days=config.lookback_days, min_age=config.min_age)
+    spec = config.spec()
     with warehouse.connect() as con:
-        frame = build_feature_matrix(con, spec)
-        write_feature_matrix(con, frame, spec)
+        plan = resolve_landmarks(con, spec)
+        frame = build_feature_matrix(con, spec, plan=plan)
+        write_feature_matrix(con, frame, spec, plan)
+    landmarks = landmark_summary(frame, plan)
     return MaterializeResult(metadata={
-        "patients": frame.height,
+        "rows": frame.height,
+        "patients": frame["patient_key"].n_unique(),
+        "landmarks": len(plan.landmarks),
         "positives": int(frame["label"].sum()),
         "prevalence": float(frame["label"].mean()) if frame.height else 0.0,
         "features": len(MODEL_FEATURES),
-        "index_date": config.index_date,
+        "data_span": plan.describe_span(),
+        "landmarks_derived_from_data": plan.derived,
+        "landmark_table": markdown_table(landmarks),
         "data_sha256": frame_hash(frame),
         "summary": markdown_table(feature_summary(frame)),
     })
@@ -54,5 +72,5 @@ def feature_matrix(config: FeatureConfig, warehouse: DuckDBWarehouse) -> Materia
 
 @asset_check(asset=feature_matrix, blocking=True,
              description="No original identifier value appears in the feature matrix.")
-def feature_matrix_has_no_identifiers(warehouse: DuckDBWarehouse) -> AssetCheckResult:
-    return leak_check_result(warehouse, ["features.feature_matrix"])
+def feature_matrix_has_no_identifiers(warehouse: DuckDBWarehouse, deid_key: DeidKey) -> AssetCheckResult:
+    return leak_check_result(warehouse, deid_key, ["features.feature_matrix"])

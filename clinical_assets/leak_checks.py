@@ -9,14 +9,15 @@ from clinical_assets.deidentified import leak_check_result
 from clinical_assets.drift import drift_report
 from clinical_assets.model import trained_model
 from clinical_assets.validation import validation_report
+from resources.deid_key import DeidKey
 from resources.warehouse import DuckDBWarehouse
 
 
 def build_leak_check(asset: AssetsDefinition, tables: list[str]) -> AssetChecksDefinition:
     @asset_check(asset=asset, name=f"{asset.key.path[-1]}_has_no_identifiers", blocking=True,
                  description=f"No original identifier value appears in {', '.join(tables)}.")
-    def _check(warehouse: DuckDBWarehouse) -> AssetCheckResult:
-        return leak_check_result(warehouse, tables)
+    def _check(warehouse: DuckDBWarehouse, deid_key: DeidKey) -> AssetCheckResult:
+        return leak_check_result(warehouse, deid_key, tables)
 
     return _check
 

@@ -1,9 +1,9 @@
 import polars as pl
-from dagster import AssetExecutionContext, Config, MaterializeResult, asset
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
 from clinical_assets.features import feature_matrix
 from clinical_assets.metadata import markdown_table
-from clinical_ml.features import read_feature_matrix
+from clinical_ml.features import read_feature_matrix, read_feature_spec
 from clinical_ml.model_store import save_model
 from clinical_ml.tracking import log_training_run
 from clinical_ml.training import TrainingConfig, frame_hash, train
@@ -17,6 +17,7 @@ class TrainingRunConfig(Config):
     iterations: int = 400
     depth: int = 4
     learning_rate: float = 0.05
+    min_positives: int = 50
 
 
 @asset(
@@ -25,15 +26,19 @@ class TrainingRunConfig(Config):
     kinds={"catboost", "scikitlearn", "mlflow"},
     owners=["team:clinical-ml"],
     description="CatBoost classifier (with a logistic-regression baseline) trained on a seeded, "
-    "patient-level split. Model and held-out predictions in `ml.models` / `ml.test_predictions`; "
+    "patient-level split of the landmark cohort (CV folds grouped by patient; a temporal validation trains on "
+    "earlier landmarks and tests on later ones). Stops with the counts when the cohort has too few positives. Model and held-out predictions in `ml.models` / `ml.test_predictions`; "
     "parameters, metrics, data hash, features and model logged to MLflow.",
 )
 def trained_model(context: AssetExecutionContext, config: TrainingRunConfig, warehouse: DuckDBWarehouse,
                   mlflow: MLflowTracking) -> MaterializeResult:
     with warehouse.connect() as con:
         frame = read_feature_matrix(con)
+        spec, plan = read_feature_spec(con)
     data_hash = frame_hash(frame)
-    result = train(frame, TrainingConfig(**config.model_dump()))
+    # InsufficientDataError says in numbers why the cohort cannot support a model
+    result = train(frame, TrainingConfig(**config.model_dump()), horizon_days=spec.horizon_days,
+                   data_span=plan.describe_span())
     with mlflow.start_run(run_name=f"train-{context.run_id[:8]}",
                           tags={"dagster_run_id": context.run_id, "training_data_sha256": data_hash}) as run:
         import mlflow as mlflow_module
@@ -55,6 +60,8 @@ def trained_model(context: AssetExecutionContext, config: TrainingRunConfig, war
         "baseline_test_auroc": result.metrics["baseline_test_auroc"],
         "cv_auroc_mean": result.metrics["cv_auroc_mean"],
         "cv_auroc_std": result.metrics["cv_auroc_std"],
+        "temporal_test_auroc": result.metrics["temporal_test_auroc"],
+        "temporal_validation": MetadataValue.json({k: v for k, v in result.temporal.items() if v == v}),
         "n_train": result.n_train,
         "n_test": result.n_test,
         "feature_importance": markdown_table(importance),

@@ -17,6 +17,11 @@ VALIDATION_CHECKS = {
 }
 
 
+def _metric(metrics: dict, name: str) -> float:
+    value = metrics.get(name)
+    return float("nan") if value is None else float(value)
+
+
 @asset(
     deps=[trained_model],
     group_name="validation",
@@ -31,7 +36,9 @@ VALIDATION_CHECKS = {
 def validation_report(warehouse: DuckDBWarehouse, mlflow: MLflowTracking) -> MaterializeResult:
     with warehouse.connect() as con:
         model = latest_model(con)
-        report = validate(test_predictions(con, model.model_version), model.metrics["cv_auroc_std"], Thresholds())
+        # NaN metrics are stored as JSON null
+        report = validate(test_predictions(con, model.model_version), _metric(model.metrics, "cv_auroc_std"),
+                          Thresholds(), temporal_test_auroc=_metric(model.metrics, "temporal_test_auroc"))
         save_report(con, model.model_version, report)
     if model.mlflow_run_id:
         mlflow.log_metrics_to_run(model.mlflow_run_id, {

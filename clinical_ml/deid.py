@@ -25,13 +25,14 @@ import hashlib
 import hmac
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Literal
 
 import duckdb
 import pyarrow as pa
 
+from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
 from clinical_ml.db import transaction
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
@@ -39,7 +40,6 @@ RESTRICTED_ZIP3 = (
     "036", "059", "063", "102", "203", "556", "692", "790", "821",
     "823", "830", "831", "878", "879", "884", "890", "893",
 )
-HYPERTENSION_CODES = ("59621000", "38341003", "I10")
 DEID_TABLES = ("patient", "encounter", "condition", "observation", "medication_request", "document_reference",
                "annotation")
 DateMode = Literal["shift", "year"]
@@ -133,6 +133,10 @@ class DeidReport:
     orphan_rows_dropped: dict[str, int]
     reference_date: str
     resource_types_left_behind: list[str]
+    # MedicationRequests by how their drug was named (inline, contained, reference), and how
+    # many name a Medication that could not be found or has no code (not fatal, but counted).
+    medications_by_source: dict[str, int] = field(default_factory=dict)
+    medication_references_unresolved: int = 0
 
 
 def pseudonym(key: bytes, kind: str, resource_id: str) -> str:
@@ -205,6 +209,9 @@ def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift
                                 ELSE [j] END""",
         "str_list(j) AS list_filter(list_transform(json_list(j), lambda x: x->>'$'), lambda x: x IS NOT NULL)",
         """codings(j) AS coalesce(TRY(from_json(j, '[{"system":"VARCHAR","code":"VARCHAR"}]')), [])""",
+        # The RxNorm coding when there is one, else the first: {system, code}, NULL when none.
+        f"""best_coding(j) AS coalesce(list_filter(codings(j), lambda c: c.system = '{RXNORM_SYSTEM}')[1],
+                                        codings(j)[1])""",
         f"""deid_date(d, shift) AS {"d + shift" if date_mode == "shift" else "make_date(year(d), 1, 1)"}""",
         # Identifier variants worth matching: the value, and its letters and digits only
         # ("123-45-6789" also as "123456789") when that is long enough to be specific.
@@ -213,9 +220,16 @@ def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift
         # Name strings and their parts (split on spaces and hyphens: "Müller-Łukasz" -> both halves).
         r"""name_parts(names) AS list_distinct(list_concat(names,
                 flatten(list_transform(names, lambda n: string_split_regex(n, '[\s\-]+')))))""",
+        # Given and family names (and the name's text). Prefixes and suffixes ("Mr.", "Dr.",
+        # "Jr.", "MD") are honorifics and degrees shared by thousands: not identifiers.
         """human_names(j) AS flatten(list_transform(json_list(j), lambda n: list_concat(
-                str_list(n->'given'), str_list(n->'prefix'), str_list(n->'suffix'),
-                list_filter([n->>'family', n->>'text'], lambda x: x IS NOT NULL))))""",
+                str_list(n->'given'), list_filter([n->>'family', n->>'text'], lambda x: x IS NOT NULL))))""",
+        # Whole names as written in text: "Given Family", "Given Middle Family", "Family, Given".
+        """full_names(j) AS flatten(list_transform(
+                list_filter(json_list(j), lambda n: (n->>'family') IS NOT NULL AND len(str_list(n->'given')) > 0),
+                lambda n: [str_list(n->'given')[1] || ' ' || (n->>'family'),
+                           array_to_string(str_list(n->'given'), ' ') || ' ' || (n->>'family'),
+                           (n->>'family') || ', ' || str_list(n->'given')[1]]))""",
         """address_parts(j) AS flatten(list_transform(json_list(j), lambda a: list_concat(str_list(a->'line'),
                 list_filter([a->>'city', a->>'district', a->>'postalCode', a->>'text'], lambda x: x IS NOT NULL))))""",
         """telecom_values(j) AS list_filter(list_transform(json_list(j), lambda t: t->>'value'), lambda x: x IS NOT NULL)""",
@@ -382,7 +396,8 @@ def deidentify(
         # DuckDB quotes offending values in its messages; they may be PHI. Keep only the shape.
         raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
     finally:
-        for table in ("deid_patient_src", "deid_encounter_keys", "deid_note_src", "deid_notes_scrubbed"):
+        for table in ("deid_patient_src", "deid_encounter_keys", "deid_note_src", "deid_notes_scrubbed",
+                      "deid_medication_codes"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
@@ -451,6 +466,11 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         f"""CREATE OR REPLACE TEMP TABLE deid_encounter_keys AS
             SELECT id AS encounter_id, pseudonym('Encounter', id) AS encounter_key FROM {r}.encounter"""
     )
+    # Codes of the landed Medication resources (empty when the export has none).
+    medication_source = (f"SELECT id AS medication_id, best_coding(resource->'code'->'coding') AS coding FROM {r}.medication"
+                         if _table_exists(con, r, "medication") else
+                         "SELECT NULL::VARCHAR AS medication_id, NULL::STRUCT(system VARCHAR, code VARCHAR) AS coding LIMIT 0")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE deid_medication_codes AS {medication_source}")
     restricted = ", ".join(f"'{z}'" for z in RESTRICTED_ZIP3)
     statements = {
         "patient": f"""
@@ -465,12 +485,15 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             FROM deid_patient_src""",
         "encounter": f"""
             SELECT k.encounter_key, p.patient_key,
-                coalesce(e.resource->'class'->>'code', e.resource->'class'->0->'coding'->0->>'code') AS encounter_class,
+                {encounter_class_sql("e.class_code")} AS encounter_class,
+                e.class_code AS encounter_class_source,
                 codings(e.resource->'type'->0->'coding')[1].code AS type_code,
                 deid_date(fhir_date(e.resource->'period'->>'start'), p.shift_days) AS start_date,
                 deid_date(fhir_date(e.resource->'period'->>'end'), p.shift_days) AS end_date,
                 e.resource->>'status' AS status
-            FROM {r}.encounter e JOIN deid_patient_src p ON p.patient_id = ref_id(e.resource->'subject'->>'reference')
+            FROM (SELECT *, coalesce(resource->'class'->>'code',
+                                     resource->'class'->0->'coding'->0->>'code') AS class_code FROM {r}.encounter) e
+            JOIN deid_patient_src p ON p.patient_id = ref_id(e.resource->'subject'->>'reference')
             JOIN deid_encounter_keys k ON k.encounter_id = e.id""",
         "condition": f"""
             SELECT condition_key, patient_key, encounter_key, coding.system AS code_system, coding.code AS code,
@@ -521,13 +544,36 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                 c->'valueQuantity'->>'unit',
                 codings(c->'valueCodeableConcept'->'coding')[1].code
             FROM components""",
+        # The drug is named inline (medicationCodeableConcept) or by reference to a Medication:
+        # a contained one ("#id") or a landed Medication resource. Only its code crosses.
         "medication_request": f"""
+            WITH requests AS (
+                SELECT m.id, m.resource,
+                    best_coding(m.resource->'medicationCodeableConcept'->'coding') AS inline_coding,
+                    m.resource->'medicationReference'->>'reference' AS med_ref
+                FROM {r}.medication_request m
+            ),
+            resolved AS (
+                SELECT q.*, coalesce(q.inline_coding,
+                    CASE WHEN starts_with(q.med_ref, '#') THEN best_coding(list_filter(
+                        json_list(q.resource->'contained'), lambda c: c->>'id' = substr(q.med_ref, 2))[1]->'code'->'coding')
+                    END,
+                    med.coding) AS coding,
+                    CASE WHEN q.inline_coding IS NOT NULL THEN 'inline'
+                         WHEN starts_with(q.med_ref, '#') THEN 'contained'
+                         WHEN q.med_ref IS NOT NULL THEN 'reference' END AS medication_source
+                FROM requests q
+                LEFT JOIN deid_medication_codes med
+                    ON NOT starts_with(q.med_ref, '#') AND med.medication_id = ref_id(q.med_ref)
+            )
             SELECT pseudonym('MedicationRequest', m.id) AS medication_request_key, p.patient_key,
                 k.encounter_key,
-                codings(m.resource->'medicationCodeableConcept'->'coding')[1].code AS rxnorm_code,
+                m.coding.code AS medication_code, m.coding.system AS medication_system,
+                CASE WHEN m.coding.system = '{RXNORM_SYSTEM}' THEN m.coding.code END AS rxnorm_code,
+                m.medication_source,
                 m.resource->>'status' AS status, m.resource->>'intent' AS intent,
                 deid_date(fhir_date(m.resource->>'authoredOn'), p.shift_days) AS authored_date
-            FROM {r}.medication_request m
+            FROM resolved m
             JOIN deid_patient_src p ON p.patient_id = ref_id(m.resource->'subject'->>'reference')
             LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(m.resource->'encounter'->>'reference')""",
         "document_reference": f"""
@@ -565,7 +611,14 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         con.register("removal_counts", counts)
         con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
         con.unregister("removal_counts")
+    by_source = dict(con.execute(
+        f"""SELECT coalesce(medication_source, 'none'), count(*) FROM {out_schema}.medication_request
+            GROUP BY ALL ORDER BY 1""").fetchall())
+    unresolved = _scalar(con, f"""SELECT count(*) FROM {out_schema}.medication_request
+                                  WHERE medication_source IN ('contained', 'reference') AND medication_code IS NULL""")
     return DeidReport(
+        medications_by_source=by_source,
+        medication_references_unresolved=int(unresolved),
         rows_by_table=rows,
         removed_by_category=removed,
         orphan_rows_dropped=orphans,
@@ -574,13 +627,18 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
     )
 
 
+def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+                       [schema, table]).fetchone()[0] > 0
+
+
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str):
     return con.execute(sql).fetchone()[0]
 
 
 def _resource_tables_left_behind(con: duckdb.DuckDBPyConnection, raw_schema: str) -> list[str]:
     """Raw resource tables that no de-identified table projects (they never cross)."""
-    projected = set(DEID_TABLES) | {"patient"}
+    projected = set(DEID_TABLES) | {"patient", "medication"}  # a Medication's code crosses via its request
     return [t for (t,) in con.execute(
         """SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND table_name NOT LIKE '\\_\\_%' ESCAPE '\\'
            AND table_name NOT IN ('quarantine', 'landing_files', 'export_errors') ORDER BY table_name""",
@@ -647,27 +705,42 @@ def _deid_counts(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, raw_co
 # --- leak scan -------------------------------------------------------------------------------
 
 def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> str:
-    """Original identifying values from the raw tables, lower-cased, by category: each
-    Patient's (and contact's) names, identifiers, telecom, address parts and birth date, and
-    the names of Practitioners and RelatedPersons where those were landed."""
+    """Original identifying values from the raw tables, lower-cased, by category, with the
+    pseudonymous key of the patient they belong to (``owner_key``) or NULL for global values.
+
+    Scope follows what identifies whom. Strings unique to a person (identifiers, phone and
+    e-mail, street lines, full zip, birth date, resource id, full names) count wherever they
+    appear. Single name tokens and the city are identifying only next to their own patient:
+    "Will", "Hope" or "Boston" in another patient's note names nobody, so they are looked for
+    in the owner's rows only (their own notes, their contacts' names included)."""
     existing = {t for (t,) in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [raw_schema]).fetchall()}
+    contacts = "flatten(list_transform(json_list(resource->'contact'), lambda c: json_list(c->'name')))"
+    unique_address = ("flatten(list_transform(json_list(resource->'address'), lambda a: list_concat(str_list(a->'line'), "
+                      "list_filter([a->>'postalCode', a->>'text'], lambda x: x IS NOT NULL))))")
+    local_address = ("flatten(list_transform(json_list(resource->'address'), lambda a: "
+                     "list_filter([a->>'city', a->>'district'], lambda x: x IS NOT NULL)))")
     parts = [
-        f"SELECT 'name' AS category, unnest(ids.name) AS value FROM ids",
-        "SELECT 'identifier', unnest(ids.identifier) FROM ids",
-        "SELECT 'telecom', unnest(ids.telecom) FROM ids",
-        "SELECT 'address', unnest(ids.address) FROM ids",
-        "SELECT 'birth_date', unnest(ids.birth_date) FROM ids",
+        # single name tokens and the city: the owner's rows only
+        "SELECT 'name' AS category, unnest(ids.name) AS value, owner_key FROM ids",
+        f"SELECT 'address', unnest({local_address}), owner_key FROM ids",
+        # unique strings: anywhere
+        f"SELECT 'name', unnest(list_concat(full_names(resource->'name'), full_names(to_json({contacts})))), NULL FROM ids",
+        "SELECT 'identifier', unnest(ids.identifier), NULL FROM ids",
+        "SELECT 'telecom', unnest(ids.telecom), NULL FROM ids",
+        f"SELECT 'address', unnest({unique_address}), NULL FROM ids",
+        "SELECT 'birth_date', unnest(ids.birth_date), NULL FROM ids",
         # the raw resource id: derived tables carry pseudonyms only, never a key back into `raw`
-        f"SELECT 'resource_id', id FROM {raw_schema}.patient",
+        "SELECT 'resource_id', id, NULL FROM ids",
     ]
     for table in ("practitioner", "related_person"):
         if table in existing:
-            parts.append(f"SELECT 'name', unnest(name_parts(human_names(resource->'name'))) FROM {raw_schema}.{table}")
-            parts.append(f"SELECT 'telecom', unnest(telecom_values(resource->'telecom')) FROM {raw_schema}.{table}")
+            parts.append(f"SELECT 'name', unnest(full_names(resource->'name')), NULL FROM {raw_schema}.{table}")
+            parts.append(f"SELECT 'telecom', unnest(telecom_values(resource->'telecom')), NULL FROM {raw_schema}.{table}")
     return f"""
-    WITH ids AS (SELECT {_patient_identifier_values_sql('resource')} AS ids FROM {raw_schema}.patient)
-    SELECT DISTINCT category, lower(trim(value)) AS value,
+    WITH ids AS (SELECT id, resource, pseudonym('Patient', id) AS owner_key,
+                        {_patient_identifier_values_sql('resource')} AS ids FROM {raw_schema}.patient)
+    SELECT DISTINCT category, lower(trim(value)) AS value, owner_key,
            lower(regexp_extract(trim(value), '[\\p{{L}}\\p{{N}}]+')) AS first_token,
            regexp_full_match(trim(value), '[\\p{{L}}\\p{{N}}]+') AS single_token
     FROM ({' UNION ALL '.join(parts)})
@@ -675,42 +748,52 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
     """
 
 
-def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], raw_schema: str = "raw") -> list[dict]:
+def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key: bytes,
+                          raw_schema: str = "raw") -> list[dict]:
     """Scan every text column of ``tables`` for original identifier values.
 
     Returns one row per (table, column, category) with a hit count, never the values themselves,
     so the result is safe to log and to show as metadata. Texts are cut into runs of Unicode
     letters and digits; a one-word identifier must equal such a run (a hash join), a longer one
     ("12 Elm St", "555-010-4477") is looked for as a substring of the texts holding its first run.
+    Values scoped to a patient (name tokens, city) count only in rows of that patient (matched by
+    ``patient_key``, which is why the key is needed); a table without ``patient_key`` is checked
+    for the unique values only.
     """
-    register_macros(con)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(con, raw_schema)}")
+    register_functions(con, key, max_shift_days=365)
     findings = []
     tags = "|".join(t.lower() for t in NOTE_TAGS)
     try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(con, raw_schema)}")
         for table in tables:
             schema, name = table.split(".")
-            columns = [c for (c,) in con.execute(
-                "SELECT column_name FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? AND data_type = 'VARCHAR'",
-                [schema, name]).fetchall()]
-            for column in columns:
+            columns = dict(con.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ?",
+                [schema, name]).fetchall())
+            owner = '"patient_key"' if columns.get("patient_key") == "VARCHAR" else "NULL::VARCHAR"
+            for column in [c for c, t in columns.items() if t == "VARCHAR"]:
                 rows = con.execute(
                     f"""WITH texts AS (
-                            SELECT row_number() OVER () AS text_id, text
+                            SELECT row_number() OVER () AS text_id, owner, text
                             -- the scrubber's own tags ("[PHONE]") are not data: a patient named
                             -- "Phone" must not fail the check on every scrubbed note
-                            FROM (SELECT DISTINCT regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
+                            FROM (SELECT DISTINCT {owner} AS owner,
+                                         regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
                                   FROM {table} WHERE "{column}" IS NOT NULL)),
                         tokens AS (
-                            SELECT DISTINCT text_id, unnest(regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+')) AS token
-                            FROM texts)
-                        SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
-                        WHERE i.single_token GROUP BY i.category
+                            SELECT DISTINCT text_id, owner, unnest(regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+')) AS token
+                            FROM texts),
+                        scoped AS (
+                            SELECT * FROM leak_ids i WHERE i.owner_key IS NULL
+                                OR i.owner_key IN (SELECT owner FROM texts WHERE owner IS NOT NULL))
+                        SELECT i.category, count(*) FROM scoped i JOIN tokens t ON t.token = i.value
+                        WHERE i.single_token AND (i.owner_key IS NULL OR i.owner_key = t.owner) GROUP BY i.category
                         UNION ALL
-                        SELECT i.category, count(*) FROM leak_ids i
+                        SELECT i.category, count(*) FROM scoped i
                         JOIN tokens t ON t.token = i.first_token
                         JOIN texts x ON x.text_id = t.text_id AND contains(x.text, i.value)
-                        WHERE NOT i.single_token GROUP BY i.category"""
+                        WHERE NOT i.single_token AND (i.owner_key IS NULL OR i.owner_key = t.owner)
+                        GROUP BY i.category"""
                 ).fetchall()
                 for category, hits in rows:
                     findings.append({"table": table, "column": column, "category": category, "hits": int(hits)})

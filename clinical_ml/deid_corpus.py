@@ -248,6 +248,6 @@ def scrub_through_pipeline(notes: list[PlantedNote], key: bytes, directory) -> t
         deidentify(con, key, reference_date=date(2026, 1, 1))
         by_key = dict(con.execute("SELECT document_key, note_text FROM deid.document_reference").fetchall())
         scrubbed = {n.note_id: by_key[pseudonym(key, "DocumentReference", n.note_id)] for n in notes}
-        return scrubbed, find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES])
+        return scrubbed, find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], key)
     finally:
         con.close()

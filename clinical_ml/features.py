@@ -1,36 +1,39 @@
 """Clinical feature matrix for hypertension risk, from the de-identified tables.
 
-One row per patient at an index date. Every feature uses only data recorded strictly before
-the index date; the label is a hypertension diagnosis within the prediction horizon after it.
-Patients already diagnosed on or before the index date are excluded, and so are patients with
-no follow-up encounter in the horizon (their outcome is unknown, not negative).
+A landmark cohort: one row per (patient, landmark date), at landmarks every
+``landmark_interval_months`` across the span the data covers (or pinned dates). For each pair:
 
-Notes are read with a NegEx-style rule set over sentences: "denies a history of hypertension"
-is a negated mention, "mother has hypertension" is family history, neither counts as an
-affirmed mention.
+- eligible: adult at the landmark, alive, never diagnosed with hypertension on or before it (an
+  undated hypertension diagnosis excludes the patient from every landmark), at least one
+  encounter in the lookback window, and **observed through the horizon** (a last encounter on
+  or after landmark + horizon);
+- censoring rule: a patient whose record ends (or who dies) before the horizon is over is
+  *unknown*, not negative, and is left out at that landmark, whatever happened; because the rule
+  does not look at the outcome, it does not raise or lower the prevalence;
+- label: a first hypertension diagnosis in (landmark, landmark + horizon];
+- features: only data dated strictly before the landmark.
+
+All landmarks are computed in one set-based pass: a (patient, landmark) table range-joined to
+the event tables. Notes are read with a NegEx-style rule set over sentences: "denies a history
+of hypertension" is a negated mention, "mother has hypertension" is family history, neither
+counts as an affirmed mention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 
 import duckdb
 import pandera.polars as pa
 import polars as pl
 
-from clinical_ml.db import transaction
+from clinical_ml import codes
+from clinical_ml.codes import code_match_sql, sql_literal_list
+from clinical_ml.db import quote_ident, transaction
 
-HYPERTENSION_CODE_SQL = "(code IN ('59621000', '38341003', '1201005', '10725009') OR code LIKE 'I10%' OR code LIKE 'I11%' OR code LIKE 'I12%' OR code LIKE 'I13%' OR code LIKE 'I15%')"
-DIAGNOSIS_FLAGS = {
-    "dx_diabetes": "code IN ('44054006', '73211009', '46635009') OR code LIKE 'E10%' OR code LIKE 'E11%'",
-    "dx_prediabetes": "code IN ('15777000', '714628002') OR code LIKE 'R73.0%'",
-    "dx_ckd": "code IN ('433144002', '431855005', '431856006', '431857002', '46177005', '709044004') OR code LIKE 'N18%'",
-    "dx_obesity": "code IN ('162864005', '408512008', '414916001') OR code LIKE 'E66%'",
-    "dx_hyperlipidemia": "code IN ('55822004', '267432004', '13644009') OR code LIKE 'E78%'",
-}
-STATIN_RXNORM = ("259255", "617312", "617310", "859747", "859424", "314231")
-CURRENT_SMOKER_SNOMED = ("449868002", "77176002", "428041000124106", "65568007", "428061000124105")
+HYPERTENSION_CODE_SQL = code_match_sql(codes.HYPERTENSION)
+DIAGNOSIS_FLAGS = {name: code_match_sql(code_list) for name, code_list in codes.DIAGNOSES.items()}
 
 # Sentence-level mention rules (RE2). Order of precedence: family history, negated, affirmed.
 HTN_TERM = r"(?i)\b(hypertension|hypertensive|high blood pressure|htn|elevated blood pressure)\b"
@@ -49,14 +52,65 @@ MODEL_FEATURES = [
     "note_htn_affirmed", "note_htn_negated", "note_family_history_htn",
 ]
 SUBGROUP_COLUMNS = ["sex", "age_group", "race"]
+ROW_KEY = ["patient_key", "landmark_date"]
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    index_date: date = date(2022, 1, 1)
+    """How the landmark cohort is drawn. ``landmarks=None``: derived from the data (see
+    ``resolve_landmarks``); a tuple of dates pins them."""
+
+    landmarks: tuple[date, ...] | None = None
+    landmark_interval_months: int = 12
+    max_landmarks: int = 10
     horizon_days: int = 730
     lookback_days: int = 1095
     min_age: int = 18
+
+    def __post_init__(self):
+        for name in ("landmark_interval_months", "max_landmarks", "horizon_days", "lookback_days"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True)
+class LandmarkPlan:
+    landmarks: tuple[date, ...]
+    data_start: date | None  # first and last encounter in the (de-identified, date-shifted) data
+    data_end: date | None
+    derived: bool
+
+    def describe_span(self) -> str:
+        if self.data_end is None:
+            return "the data has no dated encounters"
+        return f"data runs {self.data_start} to {self.data_end} (de-identified dates)"
+
+
+def _add_months(day: date, months: int) -> date:
+    total = day.year * 12 + day.month - 1 + months
+    return date(total // 12, total % 12 + 1, 1)
+
+
+def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema: str = "deid") -> LandmarkPlan:
+    """Landmark dates for ``spec``: pinned ones as given; else, on the first of a month, the
+    latest landmark whose horizon the data still covers (data end - horizon), then every
+    ``landmark_interval_months`` back, at most ``max_landmarks``, none earlier than data
+    start + lookback (a landmark needs history behind it)."""
+    start, end = con.execute(f"SELECT min(start_date), max(start_date) FROM {quote_ident(schema)}.encounter").fetchone()
+    if spec.landmarks is not None:
+        return LandmarkPlan(tuple(sorted(set(spec.landmarks))), start, end, derived=False)
+    if end is None:
+        return LandmarkPlan((), start, end, derived=True)
+    last = date.fromordinal(end.toordinal() - spec.horizon_days)
+    last = date(last.year, last.month, 1)
+    earliest = start.toordinal() + spec.lookback_days
+    landmarks = []
+    for k in range(spec.max_landmarks):
+        landmark = _add_months(last, -k * spec.landmark_interval_months)
+        if landmark.toordinal() < earliest:
+            break
+        landmarks.append(landmark)
+    return LandmarkPlan(tuple(sorted(landmarks)), start, end, derived=True)
 
 
 def classify_mentions_sql(text_column: str) -> str:
@@ -79,98 +133,115 @@ def classify_mentions(con: duckdb.DuckDBPyConnection, texts: list[str]) -> list[
     return [row[0] for row in rel.fetchall()]
 
 
-def build_feature_matrix_sql(spec: FeatureSpec, schema: str = "deid") -> str:
-    idx = f"DATE '{spec.index_date.isoformat()}'"
-    look = f"({idx} - INTERVAL {spec.lookback_days} DAY)"
-    horizon_end = f"({idx} + INTERVAL {spec.horizon_days} DAY)"
+def build_feature_matrix_sql(schema: str = "deid") -> str:
+    """The landmark feature matrix as one statement. Parameters: ``$landmarks`` (DATE[]),
+    ``$horizon_days``, ``$lookback_days``, ``$min_age``."""
+    s = quote_ident(schema)
     dx_cols = ",\n".join(f"bool_or({cond})::INTEGER AS {name}" for name, cond in DIAGNOSIS_FLAGS.items())
-    statins = ", ".join(f"'{c}'" for c in STATIN_RXNORM)
-    smokers = ", ".join(f"'{c}'" for c in CURRENT_SMOKER_SNOMED)
+    statins = sql_literal_list(codes.STATIN_RXNORM)
+    smokers = sql_literal_list(codes.CURRENT_SMOKER_SNOMED)
+
+    def obs(codes_tuple: tuple[str, ...]) -> str:
+        return f"o.code IN ({sql_literal_list(codes_tuple)})"
+
+    look = "(x.landmark_date - to_days($lookback_days))"
     return f"""
-    WITH conditions AS (
+    WITH landmarks AS (SELECT DISTINCT unnest($landmarks::DATE[]) AS landmark_date),
+    conditions AS (
         -- Refuted or entered-in-error diagnoses are not diagnoses. A condition is dated by its
-        -- onset, else by when it was recorded; it counts as known at the index date only if it
-        -- had also been recorded by then (a back-dated onset entered later is future knowledge).
-        SELECT *, coalesce(onset_date, recorded_date) AS dated,
-               coalesce(onset_date, recorded_date) < {idx} AND coalesce(recorded_date < {idx}, true) AS known_at_index
-        FROM {schema}.condition
+        -- onset, else by when it was recorded; it counts as known at a landmark only if it had
+        -- also been recorded by then (a back-dated onset entered later is future knowledge).
+        SELECT *, coalesce(onset_date, recorded_date) AS dated
+        FROM {s}.condition
         WHERE coalesce(verification_status NOT IN ('refuted', 'entered-in-error'), true)
     ),
     htn AS (
-        -- An undated hypertension diagnosis cannot be placed before or after the index date:
-        -- such patients are left out rather than guessed into either class.
+        -- An undated hypertension diagnosis cannot be placed before or after a landmark: such
+        -- patients are left out rather than guessed into either class.
         SELECT patient_key, min(dated) AS htn_onset, bool_or(dated IS NULL) AS htn_undated FROM conditions
         WHERE {HYPERTENSION_CODE_SQL} GROUP BY patient_key
     ),
-    enc AS (
-        SELECT patient_key,
-            count(*) FILTER (WHERE start_date < {idx} AND start_date >= {idx} - INTERVAL 365 DAY) AS encounters_1y,
-            count(*) FILTER (WHERE start_date < {idx} AND start_date >= {look} AND encounter_class = 'EMER') AS ed_visits_3y,
-            count(*) FILTER (WHERE start_date < {idx} AND start_date >= {look} AND encounter_class = 'IMP') AS inpatient_stays_3y,
-            count(*) FILTER (WHERE start_date < {idx} AND start_date >= {look}) AS encounters_lookback,
-            count(*) FILTER (WHERE start_date > {idx} AND start_date <= {horizon_end}) AS encounters_horizon
-        FROM {schema}.encounter GROUP BY patient_key
+    last_seen AS (SELECT patient_key, max(start_date) AS last_encounter FROM {s}.encounter GROUP BY patient_key),
+    pairs AS (
+        SELECT p.patient_key, l.landmark_date, p.gender AS sex, p.race,
+            -- Safe Harbor hides the birth year of anyone 90+ today; they are counted as 90 at
+            -- every landmark (an over-estimate by at most the years since the landmark).
+            CASE WHEN p.birth_year IS NULL AND p.age_90_or_older THEN 90
+                 ELSE least(year(l.landmark_date) - p.birth_year, 90) END AS age_at_index,
+            h.htn_onset
+        FROM {s}.patient p
+        CROSS JOIN landmarks l
+        JOIN last_seen s ON s.patient_key = p.patient_key
+        LEFT JOIN htn h ON h.patient_key = p.patient_key
+        WHERE (p.death_date IS NULL OR p.death_date > l.landmark_date)
+          AND (h.htn_onset IS NULL OR h.htn_onset > l.landmark_date) AND NOT coalesce(h.htn_undated, false)
+          -- censoring: observed through the horizon, else unknown (left out), whatever the outcome
+          AND s.last_encounter >= l.landmark_date + to_days($horizon_days)
     ),
-    obs AS (
-        SELECT patient_key, code, value_num, value_code, effective_date,
-               date_diff('day', {idx}, effective_date) / 365.25 AS years_before
-        FROM {schema}.observation WHERE effective_date < {idx} AND effective_date >= {look}
+    enc AS (
+        SELECT x.patient_key, x.landmark_date,
+            count(*) FILTER (WHERE e.start_date >= x.landmark_date - INTERVAL 365 DAY) AS encounters_1y,
+            count(*) FILTER (WHERE e.encounter_class = 'EMER') AS ed_visits_3y,
+            count(*) FILTER (WHERE e.encounter_class = 'IMP') AS inpatient_stays_3y,
+            count(*) AS encounters_lookback
+        FROM pairs x JOIN {s}.encounter e
+          ON e.patient_key = x.patient_key AND e.start_date < x.landmark_date AND e.start_date >= {look}
+        GROUP BY x.patient_key, x.landmark_date
     ),
     vitals AS (
-        SELECT patient_key,
-            arg_max(value_num, effective_date) FILTER (WHERE code = '8480-6') AS sbp_last,
-            avg(value_num) FILTER (WHERE code = '8480-6' AND effective_date >= {idx} - INTERVAL 365 DAY) AS sbp_mean_1y,
-            avg(value_num) FILTER (WHERE code = '8480-6') AS sbp_mean_3y,
-            max(value_num) FILTER (WHERE code = '8480-6') AS sbp_max_3y,
-            regr_slope(value_num, years_before) FILTER (WHERE code = '8480-6') AS sbp_slope_per_year,
-            arg_max(value_num, effective_date) FILTER (WHERE code = '8462-4') AS dbp_last,
-            avg(value_num) FILTER (WHERE code = '8462-4') AS dbp_mean_3y,
-            count(*) FILTER (WHERE code = '8480-6') AS n_bp_readings_3y,
-            arg_max(value_num, effective_date) FILTER (WHERE code = '39156-5') AS bmi_last,
-            avg(value_num) FILTER (WHERE code = '8867-4') AS heart_rate_mean_3y,
-            arg_max(value_num, effective_date) FILTER (WHERE code IN ('2160-0', '38483-4')) AS creatinine_last,
-            arg_max(value_num, effective_date) FILTER (WHERE code IN ('2345-7', '2339-0')) AS glucose_last,
-            arg_max(value_num, effective_date) FILTER (WHERE code IN ('4548-4', '17856-6')) AS hba1c_last,
-            arg_max(value_code, effective_date) FILTER (WHERE code = '72166-2') AS smoking_status
-        FROM obs GROUP BY patient_key
+        SELECT x.patient_key, x.landmark_date,
+            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_last,
+            avg(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}
+                                     AND o.effective_date >= x.landmark_date - INTERVAL 365 DAY) AS sbp_mean_1y,
+            avg(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_mean_3y,
+            max(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_max_3y,
+            regr_slope(o.value_num, date_diff('day', x.landmark_date, o.effective_date) / 365.25)
+                FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_slope_per_year,
+            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_last,
+            avg(o.value_num) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_mean_3y,
+            count(*) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS n_bp_readings_3y,
+            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.BMI)}) AS bmi_last,
+            avg(o.value_num) FILTER (WHERE {obs(codes.HEART_RATE)}) AS heart_rate_mean_3y,
+            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.CREATININE)}) AS creatinine_last,
+            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.GLUCOSE)}) AS glucose_last,
+            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.HBA1C)}) AS hba1c_last,
+            arg_max(o.value_code, o.effective_date) FILTER (WHERE {obs(codes.SMOKING_STATUS)}) AS smoking_status
+        FROM pairs x JOIN {s}.observation o
+          ON o.patient_key = x.patient_key AND o.effective_date < x.landmark_date AND o.effective_date >= {look}
+        GROUP BY x.patient_key, x.landmark_date
     ),
     dx AS (
-        SELECT patient_key, {dx_cols}
-        FROM conditions WHERE known_at_index GROUP BY patient_key
+        SELECT x.patient_key, x.landmark_date, {dx_cols}
+        FROM pairs x JOIN conditions c
+          ON c.patient_key = x.patient_key AND c.dated < x.landmark_date
+             AND coalesce(c.recorded_date < x.landmark_date, true)
+        GROUP BY x.patient_key, x.landmark_date
     ),
     meds AS (
-        SELECT patient_key, count(DISTINCT rxnorm_code) AS n_distinct_medications,
-               bool_or(rxnorm_code IN ({statins}))::INTEGER AS on_statin
-        FROM {schema}.medication_request WHERE authored_date < {idx} GROUP BY patient_key
+        -- prescriptions in the lookback window, by the resolved drug code (inline or referenced)
+        SELECT x.patient_key, x.landmark_date,
+               count(DISTINCT coalesce(m.medication_system, '') || '|' || m.medication_code) AS n_distinct_medications,
+               bool_or(m.rxnorm_code IN ({statins}))::INTEGER AS on_statin
+        FROM pairs x JOIN {s}.medication_request m
+          ON m.patient_key = x.patient_key AND m.authored_date < x.landmark_date AND m.authored_date >= {look}
+        GROUP BY x.patient_key, x.landmark_date
     ),
     mentions AS (
-        SELECT patient_key, unnest({classify_mentions_sql('note_text')}) AS status
-        FROM {schema}.document_reference WHERE document_date < {idx}
+        -- each note is read once; its mentions then count at every later landmark
+        SELECT patient_key, document_date, unnest({classify_mentions_sql('note_text')}) AS status
+        FROM {s}.document_reference WHERE document_date IS NOT NULL
     ),
     notes AS (
-        SELECT patient_key,
-            count(*) FILTER (WHERE status = 'affirmed') AS note_htn_affirmed,
-            count(*) FILTER (WHERE status = 'negated') AS note_htn_negated,
-            (count(*) FILTER (WHERE status = 'family') > 0)::INTEGER AS note_family_history_htn
-        FROM mentions GROUP BY patient_key
-    ),
-    cohort AS (
-        SELECT p.patient_key, p.gender AS sex, p.race,
-            -- Safe Harbor hides the birth year of anyone 90+ today; they are counted as 90 at
-            -- the index date too (an over-estimate by at most the years since the index date).
-            CASE WHEN p.birth_year IS NULL AND p.age_90_or_older THEN 90
-                 ELSE least(year({idx}) - p.birth_year, 90) END AS age_at_index,
-            h.htn_onset, e.*  EXCLUDE (patient_key)
-        FROM {schema}.patient p
-        JOIN enc e USING (patient_key)
-        LEFT JOIN htn h USING (patient_key)
-        WHERE (p.death_date IS NULL OR p.death_date > {idx})
-          AND e.encounters_lookback > 0 AND e.encounters_horizon > 0
-          AND (h.htn_onset IS NULL OR h.htn_onset > {idx}) AND NOT coalesce(h.htn_undated, false)
+        SELECT x.patient_key, x.landmark_date,
+            count(*) FILTER (WHERE n.status = 'affirmed') AS note_htn_affirmed,
+            count(*) FILTER (WHERE n.status = 'negated') AS note_htn_negated,
+            (count(*) FILTER (WHERE n.status = 'family') > 0)::INTEGER AS note_family_history_htn
+        FROM pairs x JOIN mentions n ON n.patient_key = x.patient_key AND n.document_date < x.landmark_date
+        GROUP BY x.patient_key, x.landmark_date
     )
     SELECT
         c.patient_key,
-        DATE '{spec.index_date.isoformat()}' AS index_date,
+        c.landmark_date,
         c.sex, coalesce(c.race, 'Unknown') AS race,
         CASE WHEN c.age_at_index < 45 THEN '18-44' WHEN c.age_at_index < 65 THEN '45-64' ELSE '65+' END AS age_group,
         c.age_at_index::INTEGER AS age_at_index,
@@ -182,25 +253,28 @@ def build_feature_matrix_sql(spec: FeatureSpec, schema: str = "deid") -> str:
         {", ".join(f"coalesce(d.{n}, 0) AS {n}" for n in DIAGNOSIS_FLAGS)},
         coalesce(m.n_distinct_medications, 0) AS n_distinct_medications,
         coalesce(m.on_statin, 0) AS on_statin,
-        c.encounters_1y, c.ed_visits_3y, c.inpatient_stays_3y,
+        e.encounters_1y, e.ed_visits_3y, e.inpatient_stays_3y,
         coalesce(n.note_htn_affirmed, 0) AS note_htn_affirmed,
         coalesce(n.note_htn_negated, 0) AS note_htn_negated,
         coalesce(n.note_family_history_htn, 0) AS note_family_history_htn,
-        (c.htn_onset IS NOT NULL AND c.htn_onset <= {horizon_end})::INTEGER AS label
-    FROM cohort c
-    LEFT JOIN vitals v USING (patient_key)
-    LEFT JOIN dx d USING (patient_key)
-    LEFT JOIN meds m USING (patient_key)
-    LEFT JOIN notes n USING (patient_key)
-    WHERE c.age_at_index >= {spec.min_age}
-    ORDER BY c.patient_key
+        (c.htn_onset IS NOT NULL AND c.htn_onset <= c.landmark_date + to_days($horizon_days))::INTEGER AS label
+    FROM pairs c
+    -- enough history: at least one encounter in the lookback window
+    JOIN enc e ON e.patient_key = c.patient_key AND e.landmark_date = c.landmark_date
+    LEFT JOIN vitals v ON v.patient_key = c.patient_key AND v.landmark_date = c.landmark_date
+    LEFT JOIN dx d ON d.patient_key = c.patient_key AND d.landmark_date = c.landmark_date
+    LEFT JOIN meds m ON m.patient_key = c.patient_key AND m.landmark_date = c.landmark_date
+    LEFT JOIN notes n ON n.patient_key = c.patient_key AND n.landmark_date = c.landmark_date
+    WHERE c.age_at_index >= $min_age
+    ORDER BY c.patient_key, c.landmark_date
     """
 
 
 class FeatureMatrixSchema(pa.DataFrameModel):
     """What a valid feature matrix looks like; checked on every materialization."""
 
-    patient_key: str = pa.Field(unique=True, nullable=False, str_length={"min_value": 8})
+    patient_key: str = pa.Field(nullable=False, str_length={"min_value": 8})
+    landmark_date: date = pa.Field(nullable=False)
     sex: str = pa.Field(nullable=True)
     age_group: str = pa.Field(isin=["18-44", "45-64", "65+"])
     age_at_index: int = pa.Field(ge=18, le=90)
@@ -219,17 +293,32 @@ class FeatureMatrixSchema(pa.DataFrameModel):
     class Config:
         strict = False  # other feature columns are allowed; these are the ones with rules
         coerce = True
+        unique = ROW_KEY  # one row per patient and landmark
 
 
-def build_feature_matrix(
-    con: duckdb.DuckDBPyConnection, spec: FeatureSpec, source_schema: str = "deid"
-) -> pl.DataFrame:
+def build_feature_matrix(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, source_schema: str = "deid",
+                         plan: LandmarkPlan | None = None) -> pl.DataFrame:
     """Compute and validate the feature matrix (not written anywhere)."""
-    frame = con.execute(build_feature_matrix_sql(spec, source_schema)).pl()
+    plan = plan or resolve_landmarks(con, spec, source_schema)
+    frame = con.execute(build_feature_matrix_sql(source_schema), {
+        "landmarks": list(plan.landmarks), "horizon_days": int(spec.horizon_days),
+        "lookback_days": int(spec.lookback_days), "min_age": int(spec.min_age)}).pl()
     return FeatureMatrixSchema.validate(frame, lazy=True)
 
 
-def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, spec: FeatureSpec) -> None:
+def landmark_summary(frame: pl.DataFrame, plan: LandmarkPlan) -> pl.DataFrame:
+    """Per landmark: eligible (patient, landmark) rows, positives and prevalence (every
+    planned landmark, also those where nobody was eligible)."""
+    counts = frame.group_by("landmark_date").agg(eligible=pl.len(), positives=pl.col("label").sum())
+    planned = pl.DataFrame({"landmark_date": list(plan.landmarks)}, schema={"landmark_date": pl.Date})
+    return planned.join(counts, on="landmark_date", how="left").with_columns(
+        pl.col("eligible").fill_null(0).cast(pl.Int64), pl.col("positives").fill_null(0).cast(pl.Int64),
+    ).with_columns(prevalence=pl.when(pl.col("eligible") > 0).then(pl.col("positives") / pl.col("eligible"))
+                   ).sort("landmark_date")
+
+
+def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, spec: FeatureSpec,
+                         plan: LandmarkPlan) -> None:
     """Replace features.feature_matrix and features.feature_spec together."""
     with transaction(con):
         con.execute("CREATE SCHEMA IF NOT EXISTS features")
@@ -237,15 +326,24 @@ def write_feature_matrix(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame, sp
         con.execute("CREATE OR REPLACE TABLE features.feature_matrix AS SELECT * FROM feature_frame")
         con.unregister("feature_frame")
         con.execute(
-            "CREATE OR REPLACE TABLE features.feature_spec AS SELECT ?::DATE AS index_date, ? AS horizon_days, "
-            "? AS lookback_days, ? AS min_age",
-            [spec.index_date, spec.horizon_days, spec.lookback_days, spec.min_age])
+            """CREATE OR REPLACE TABLE features.feature_spec AS SELECT ?::DATE[] AS landmarks, ? AS landmarks_derived,
+                   ? AS landmark_interval_months, ? AS max_landmarks, ? AS horizon_days, ? AS lookback_days,
+                   ? AS min_age, ?::DATE AS data_start, ?::DATE AS data_end""",
+            [list(plan.landmarks), plan.derived, spec.landmark_interval_months, spec.max_landmarks,
+             spec.horizon_days, spec.lookback_days, spec.min_age, plan.data_start, plan.data_end])
 
 
-def read_feature_spec(con: duckdb.DuckDBPyConnection) -> FeatureSpec:
-    index_date, horizon, lookback, min_age = con.execute("SELECT * FROM features.feature_spec").fetchone()
-    return FeatureSpec(index_date=index_date, horizon_days=horizon, lookback_days=lookback, min_age=min_age)
+def read_feature_spec(con: duckdb.DuckDBPyConnection) -> tuple[FeatureSpec, LandmarkPlan]:
+    """The spec and landmarks of the stored feature matrix."""
+    row = con.execute(
+        """SELECT landmarks, landmarks_derived, landmark_interval_months, max_landmarks, horizon_days, lookback_days,
+                  min_age, data_start, data_end FROM features.feature_spec""").fetchone()
+    landmarks, derived, interval, max_landmarks, horizon, lookback, min_age, start, end = row
+    spec = FeatureSpec(landmarks=None if derived else tuple(landmarks), landmark_interval_months=interval,
+                       max_landmarks=max_landmarks, horizon_days=horizon, lookback_days=lookback, min_age=min_age)
+    return spec, LandmarkPlan(tuple(landmarks), start, end, derived)
 
 
 def read_feature_matrix(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    return con.execute("SELECT * FROM features.feature_matrix ORDER BY patient_key").pl()
+    return con.execute("SELECT * FROM features.feature_matrix ORDER BY patient_key, landmark_date").pl()
+

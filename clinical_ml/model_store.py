@@ -29,11 +29,14 @@ CREATE TABLE IF NOT EXISTS ml.models (
 CREATE TABLE IF NOT EXISTS ml.test_predictions (
     model_version INTEGER NOT NULL,
     patient_key VARCHAR NOT NULL,
+    landmark_date DATE,
     sex VARCHAR, age_group VARCHAR, race VARCHAR,
     y_true INTEGER NOT NULL,
     score DOUBLE NOT NULL,
     baseline_score DOUBLE NOT NULL
 );
+-- warehouses made before the landmark cohort: predictions gain their landmark
+ALTER TABLE ml.test_predictions ADD COLUMN IF NOT EXISTS landmark_date DATE;
 """
 
 
@@ -62,10 +65,10 @@ def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_ru
              orjson.dumps(result.params).decode(), orjson.dumps(result.metrics).decode(), blob],
         )
         predictions = result.test_predictions.select(
-            pl.lit(version, dtype=pl.Int32).alias("model_version"), "patient_key", "sex", "age_group", "race",
-            "y_true", "score", "baseline_score")
+            pl.lit(version, dtype=pl.Int32).alias("model_version"), "patient_key", "landmark_date", "sex", "age_group",
+            "race", "y_true", "score", "baseline_score")
         con.register("new_predictions", predictions.to_arrow())
-        con.execute("INSERT INTO ml.test_predictions SELECT * FROM new_predictions")
+        con.execute("INSERT INTO ml.test_predictions BY NAME SELECT * FROM new_predictions")
         con.unregister("new_predictions")
     return StoredModel(version, mlflow_run_id, data_hash, model_sha, result.feature_names, result.metrics, blob)
 
@@ -83,5 +86,5 @@ def latest_model(con: duckdb.DuckDBPyConnection) -> StoredModel:
 
 def test_predictions(con: duckdb.DuckDBPyConnection, model_version: int) -> pl.DataFrame:
     return con.execute(
-        "SELECT * FROM ml.test_predictions WHERE model_version = ? ORDER BY patient_key", [model_version]
+        "SELECT * FROM ml.test_predictions WHERE model_version = ? ORDER BY patient_key, landmark_date", [model_version]
     ).pl()

@@ -79,7 +79,8 @@ class ValidationReport:
         return bool(self.metrics["passed"].all())
 
 
-def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresholds = Thresholds()) -> ValidationReport:
+def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresholds = Thresholds(),
+             temporal_test_auroc: float = math.nan) -> ValidationReport:
     y = predictions["y_true"].to_numpy()
     s = predictions["score"].to_numpy()
     if len(set(y.tolist())) < 2:
@@ -109,7 +110,10 @@ def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresho
         # A gap that cannot be measured (too few cases in a subgroup) does not pass.
         ("subgroup_auroc_gap", worst_gap, gap_rule,
          not unevaluable and not math.isnan(worst_gap) and worst_gap < thresholds.max_subgroup_auroc_gap),
+        # NaN (fewer than two folds with both classes) is not a pass
         ("cv_auroc_std", cv_auroc_std, f"< {thresholds.max_cv_auroc_std}", cv_auroc_std < thresholds.max_cv_auroc_std),
+        # trained on earlier landmarks, tested on later ones: how the model will be used
+        ("temporal_test_auroc", temporal_test_auroc, "reported", True),
         ("brier_score", float(brier_score_loss(y, s)), "reported", True),
         ("n_test", float(len(y)), "reported", True),
         ("test_positives", float(y.sum()), "reported", True),

@@ -101,10 +101,10 @@ def test_leak_check_finds_a_planted_identifier_without_revealing_it(small_export
     land_ndjson(con, small_export)
     deidentify(con, TEST_KEY)
     tables = [f"deid.{t}" for t in DEID_TABLES]
-    assert find_identifier_leaks(con, tables) == []
+    assert find_identifier_leaks(con, tables, TEST_KEY) == []
     ssn = read_resources(small_export, "Patient")[3]["identifier"][1]["value"]
     con.execute("UPDATE deid.document_reference SET note_text = note_text || ' ssn ' || ? WHERE rowid = 0", [ssn])
-    findings = find_identifier_leaks(con, tables)
+    findings = find_identifier_leaks(con, tables, TEST_KEY)
     assert findings == [{"table": "deid.document_reference", "column": "note_text", "category": "identifier", "hits": 1}]
     assert ssn not in repr(findings)
 
@@ -131,4 +131,4 @@ def test_real_synthea_samples_deidentify_with_no_leaks(sample):
     if sample == "synthea-bulk-10p":
         assert report.rows_by_table["document_reference"] == 1215
     assert report.removed_by_category["names"] > 0 and report.removed_by_category["ssn"] > 0
-    assert find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES]) == []
+    assert find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], TEST_KEY) == []

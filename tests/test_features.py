@@ -1,15 +1,23 @@
-from datetime import date
+from datetime import date, timedelta
 
 import duckdb
 import polars as pl
 import pytest
 from pandera.errors import SchemaErrors
 
-from clinical_ml.deid import deidentify, pseudonym
+from clinical_ml.codes import encounter_class_sql
+from clinical_ml.deid import date_shift_days, deidentify, pseudonym
 from clinical_ml.features import (MODEL_FEATURES, FeatureMatrixSchema, FeatureSpec, build_feature_matrix,
-                                  classify_mentions)
+                                  classify_mentions, landmark_summary, resolve_landmarks)
 from clinical_ml.ingest import land_ndjson
 from tests.conftest import TEST_KEY, read_resources
+
+
+def fresh_deid(export) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    land_ndjson(con, export)
+    deidentify(con, TEST_KEY)
+    return con
 
 
 def test_negation_family_history_and_affirmed_mentions():
@@ -26,41 +34,97 @@ def test_negation_family_history_and_affirmed_mentions():
     assert statuses == [["negated"], ["negated", "family"], ["negated"], ["affirmed"], ["affirmed"], ["family"], []]
 
 
-def test_feature_matrix_shape_labels_and_exclusions(deid_con, small_export):
+def test_landmarks_come_from_the_data_span(deid_con):
     spec = FeatureSpec()
-    frame = build_feature_matrix(deid_con, spec)
-    assert frame.height > 150 and frame["patient_key"].is_unique().all()
-    assert set(MODEL_FEATURES) <= set(frame.columns)
-    assert 0.03 < frame["label"].mean() < 0.4
+    plan = resolve_landmarks(deid_con, spec)
+    assert plan.derived and 2 <= len(plan.landmarks) <= spec.max_landmarks
+    assert plan.landmarks[-1] <= plan.data_end - timedelta(days=spec.horizon_days)
+    assert plan.landmarks[0] >= plan.data_start + timedelta(days=spec.lookback_days)
+    assert all(d.day == 1 for d in plan.landmarks)
+    assert all((b.year * 12 + b.month) - (a.year * 12 + a.month) == 12 for a, b in zip(plan.landmarks, plan.landmarks[1:]))
+    # another interval, and pinned dates, are honoured
+    assert len(resolve_landmarks(deid_con, FeatureSpec(landmark_interval_months=6)).landmarks) == spec.max_landmarks
+    pinned = (date(2021, 1, 1), date(2020, 1, 1))
+    assert resolve_landmarks(deid_con, FeatureSpec(landmarks=pinned)).landmarks == tuple(sorted(pinned))
 
-    # Ground truth from the raw export: onset dates (shifted like the de-identified data).
-    from clinical_ml.deid import date_shift_days
-    onsets = {}
+
+def test_landmark_cohort_labels_exclusions_and_censoring(deid_con, small_export):
+    spec = FeatureSpec()
+    plan = resolve_landmarks(deid_con, spec)
+    frame = build_feature_matrix(deid_con, spec, plan=plan)
+    assert set(MODEL_FEATURES) <= set(frame.columns)
+    assert frame.select("patient_key", "landmark_date").is_unique().all()
+    assert set(frame["landmark_date"].unique()) <= set(plan.landmarks)
+    assert frame["patient_key"].n_unique() < frame.height  # patients recur across landmarks
+    assert 0.02 < frame["label"].mean() < 0.4
+
+    # Ground truth from the raw export, shifted like the de-identified data.
+    onsets, last_seen = {}, {}
     for c in read_resources(small_export, "Condition"):
         if c["code"]["coding"][0]["code"] in ("59621000", "38341003"):
             pid = c["subject"]["reference"].split("/")[1]
-            onsets[pseudonym(TEST_KEY, "Patient", pid)] = (
-                date.fromisoformat(c["onsetDateTime"][:10]).toordinal() + date_shift_days(TEST_KEY, pid, 365))
-    index = spec.index_date.toordinal()
-    for key, label in frame.select("patient_key", "label").iter_rows():
+            day = date.fromisoformat(c["onsetDateTime"][:10]) + timedelta(days=date_shift_days(TEST_KEY, pid, 365))
+            key = pseudonym(TEST_KEY, "Patient", pid)
+            onsets[key] = min(day, onsets.get(key, day))
+    for e in read_resources(small_export, "Encounter"):
+        pid = e["subject"]["reference"].split("/")[1]
+        day = date.fromisoformat(e["period"]["start"][:10]) + timedelta(days=date_shift_days(TEST_KEY, pid, 365))
+        key = pseudonym(TEST_KEY, "Patient", pid)
+        last_seen[key] = max(day, last_seen.get(key, day))
+    horizon = timedelta(days=spec.horizon_days)
+    for key, landmark, label in frame.select("patient_key", "landmark_date", "label").iter_rows():
         onset = onsets.get(key)
-        assert onset is None or onset > index, "a patient diagnosed before the index date is in the cohort"
-        assert label == int(onset is not None and onset <= index + spec.horizon_days)
+        assert onset is None or onset > landmark, "a patient diagnosed before the landmark is in the cohort"
+        assert last_seen[key] >= landmark + horizon, "a patient not observed through the horizon counted as known"
+        assert label == int(onset is not None and onset <= landmark + horizon)
+    # censored, not negative: someone whose record ends inside the horizon is absent at that landmark
+    censored = [(k, lm) for k in last_seen for lm in plan.landmarks if lm < last_seen[k] < lm + horizon
+                and (onsets.get(k) is None or onsets[k] > lm)]
+    assert censored
+    present = set(frame.select("patient_key", "landmark_date").iter_rows())
+    assert not present & set(censored)
+
+    summary = landmark_summary(frame, plan)
+    assert summary["landmark_date"].to_list() == list(plan.landmarks)
+    assert summary["eligible"].sum() == frame.height and summary["positives"].sum() == frame["label"].sum()
 
 
-def test_features_use_only_data_before_the_index_date(small_export):
+def test_a_value_after_one_landmark_changes_only_later_landmarks(small_export):
+    con = fresh_deid(small_export)
+    spec = FeatureSpec()
+    plan = resolve_landmarks(con, spec)
+    before = build_feature_matrix(con, spec, plan=plan)
+    first, second = plan.landmarks[-3], plan.landmarks[-2]
+    both = (before.filter(pl.col("landmark_date").is_in([first, second])).group_by("patient_key").len()
+            .filter(pl.col("len") == 2)["patient_key"].sort())
+    patient = both[0]
+    # a systolic reading of 250 dated after the first landmark, before the second
+    con.execute("INSERT INTO deid.observation (patient_key, effective_date, code, value_num) VALUES (?, ?, '8480-6', 250)",
+                [patient, first + timedelta(days=10)])
+    after = build_feature_matrix(con, spec, plan=plan)
+
+    def row(frame, landmark):
+        return frame.filter((pl.col("patient_key") == patient) & (pl.col("landmark_date") == landmark)).to_dicts()[0]
+
+    assert row(after, first) == row(before, first)
+    assert row(after, second)["sbp_max_3y"] == 250 and row(before, second)["sbp_max_3y"] != 250
+    assert after.filter(pl.col("patient_key") != patient).equals(before.filter(pl.col("patient_key") != patient))
+
+
+def test_data_from_the_last_landmark_on_changes_no_feature(small_export):
     def matrix(mutate_future: bool) -> pl.DataFrame:
-        con = duckdb.connect()
-        land_ndjson(con, small_export)
-        deidentify(con, TEST_KEY)
+        con = fresh_deid(small_export)
+        spec = FeatureSpec()
+        plan = resolve_landmarks(con, spec)
+        last = plan.landmarks[-1]
         if mutate_future:
-            # Change every measurement and note on or after the index date: nothing may move.
-            con.execute("UPDATE deid.observation SET value_num = value_num + 50 WHERE effective_date >= DATE '2022-01-01'")
-            con.execute("""UPDATE deid.document_reference SET note_text = 'History of hypertension.'
-                           WHERE document_date >= DATE '2022-01-01'""")
+            con.execute("UPDATE deid.observation SET value_num = value_num + 50 WHERE effective_date >= ?", [last])
+            con.execute("UPDATE deid.document_reference SET note_text = 'History of hypertension.' WHERE document_date >= ?",
+                        [last])
             con.execute("""UPDATE deid.condition SET code = '44054006'
-                           WHERE onset_date >= DATE '2022-01-01' AND code NOT IN ('59621000', '38341003', 'I10')""")
-        return build_feature_matrix(con, FeatureSpec()).drop("label")
+                           WHERE onset_date >= ? AND code NOT IN ('59621000', '38341003')""", [last])
+            con.execute("UPDATE deid.medication_request SET rxnorm_code = '259255' WHERE authored_date >= ?", [last])
+        return build_feature_matrix(con, spec, plan=plan).drop("label")
 
     assert matrix(False).equals(matrix(True))
 
@@ -71,24 +135,27 @@ def test_schema_rejects_an_impossible_feature_matrix(deid_con):
     with pytest.raises(SchemaErrors) as err:
         FeatureMatrixSchema.validate(broken, lazy=True)
     assert {"sbp_last", "label"} <= set(err.value.failure_cases["column"].to_list())
+    duplicated = pl.concat([frame.head(1), frame.head(1)])
+    with pytest.raises(SchemaErrors):
+        FeatureMatrixSchema.validate(duplicated, lazy=True)
 
 
-def test_conditions_count_only_when_known_at_the_index_date(small_export):
-    """Refuted diagnoses are ignored, back-dated entries recorded after the index date are not
-    features, and an undated hypertension diagnosis takes the patient out of the cohort."""
-    con = duckdb.connect()
-    land_ndjson(con, small_export)
-    deidentify(con, TEST_KEY)
+def test_conditions_count_only_when_known_at_the_landmark(small_export):
+    """Refuted diagnoses are ignored, back-dated entries recorded after the landmark are not
+    features, and an undated hypertension diagnosis takes the patient out of every landmark."""
+    con = fresh_deid(small_export)
     spec = FeatureSpec()
-    before = build_feature_matrix(con, spec)
-    negatives = before.filter((pl.col("label") == 0) & (pl.col("dx_diabetes") == 0))["patient_key"].to_list()
+    plan = resolve_landmarks(con, spec)
+    idx = plan.landmarks[-3]
+    before = build_feature_matrix(con, spec, plan=plan)
+    at_idx = before.filter(pl.col("landmark_date") == idx)
+    negatives = at_idx.filter((pl.col("label") == 0) & (pl.col("dx_diabetes") == 0))["patient_key"].to_list()
     late, refuted, undated = negatives[:3]
-    idx = spec.index_date
     rows = [
-        # diabetes with an onset before the index date, but entered into the record after it
-        (late, "44054006", date(idx.year - 1, 1, 1), date(idx.year, 6, 1), None),
-        # hypertension before the index date, refuted
-        (refuted, "59621000", date(idx.year - 1, 1, 1), date(idx.year - 1, 1, 1), "refuted"),
+        # diabetes with an onset before the landmark, but entered into the record after it
+        (late, "44054006", idx - timedelta(days=365), idx + timedelta(days=150), None),
+        # hypertension before the landmark, refuted
+        (refuted, "59621000", idx - timedelta(days=365), idx - timedelta(days=365), "refuted"),
         # hypertension with no date at all
         (undated, "59621000", None, None, None),
     ]
@@ -97,9 +164,17 @@ def test_conditions_count_only_when_known_at_the_index_date(small_export):
                                                    recorded_date, verification_status)
                        VALUES ('test-' || ?, ?, 'http://snomed.info/sct', ?, ?, ?, ?)""",
                     [patient_key, patient_key, code, onset, recorded, verification])
-    after = build_feature_matrix(con, spec)
-    row = lambda key: after.filter(pl.col("patient_key") == key).to_dicts()  # noqa: E731
+    after = build_feature_matrix(con, spec, plan=plan)
+    row = lambda key: after.filter((pl.col("patient_key") == key) & (pl.col("landmark_date") == idx)).to_dicts()  # noqa: E731
     assert row(late)[0]["dx_diabetes"] == 0
     assert row(refuted)[0]["label"] == 0
-    assert row(undated) == []
-    assert after.height == before.height - 1
+    assert after.filter(pl.col("patient_key") == undated).height == 0
+    assert before.filter(pl.col("patient_key") == undated).height > 0
+
+
+def test_encounter_classes_as_act_codes_or_plain_words():
+    con = duckdb.connect()
+    raw = ["AMB", "EMER", "IMP", "ambulatory", "Emergency", "inpatient", "wellness", "urgentcare", "ACUTE", "VR",
+           "daytime", None]
+    mapped = con.execute(f"SELECT list_transform(?::VARCHAR[], c -> {encounter_class_sql('c')})", [raw]).fetchone()[0]
+    assert mapped == ["AMB", "EMER", "IMP", "AMB", "EMER", "IMP", "AMB", "AMB", "IMP", "VR", "UNK", None]

@@ -73,6 +73,10 @@ def evidently_report(reference: pl.DataFrame, current: pl.DataFrame, features: l
     from evidently import Report
     from evidently.presets import DataDriftPreset
 
+    # Evidently refuses a column that is empty on either side (an export without heart-rate
+    # observations, say); our own PSI above still reports it (all-missing is a bin of its own).
+    features = [c for c in features if reference[c].null_count() < reference.height
+                and current[c].null_count() < current.height]
     report = Report([DataDriftPreset(method="psi", threshold=psi_threshold)], include_tests=True)
     snapshot = report.run(reference_data=reference.select(features).to_pandas(),
                           current_data=current.select(features).to_pandas())

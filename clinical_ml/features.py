@@ -243,7 +243,8 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
         c.patient_key,
         c.landmark_date,
         c.sex, coalesce(c.race, 'Unknown') AS race,
-        CASE WHEN c.age_at_index < 45 THEN '18-44' WHEN c.age_at_index < 65 THEN '45-64' ELSE '65+' END AS age_group,
+        CASE WHEN c.age_at_index < 18 THEN '0-17' WHEN c.age_at_index < 45 THEN '18-44'
+             WHEN c.age_at_index < 65 THEN '45-64' ELSE '65+' END AS age_group,
         c.age_at_index::INTEGER AS age_at_index,
         (c.sex = 'female')::INTEGER AS sex_female,
         v.sbp_last, v.sbp_mean_1y, v.sbp_mean_3y, v.sbp_max_3y, v.sbp_slope_per_year, v.dbp_last, v.dbp_mean_3y,
@@ -276,8 +277,8 @@ class FeatureMatrixSchema(pa.DataFrameModel):
     patient_key: str = pa.Field(nullable=False, str_length={"min_value": 8})
     landmark_date: date = pa.Field(nullable=False)
     sex: str = pa.Field(nullable=True)
-    age_group: str = pa.Field(isin=["18-44", "45-64", "65+"])
-    age_at_index: int = pa.Field(ge=18, le=90)
+    age_group: str = pa.Field(isin=["0-17", "18-44", "45-64", "65+"])  # 0-17 only when min_age allows
+    age_at_index: int = pa.Field(ge=0, le=90)
     sex_female: int = pa.Field(isin=[0, 1])
     sbp_last: float = pa.Field(nullable=True, ge=40, le=300)
     sbp_mean_3y: float = pa.Field(nullable=True, ge=40, le=300)

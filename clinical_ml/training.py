@@ -112,6 +112,12 @@ def _baseline():
     return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), LogisticRegression(max_iter=2000))
 
 
+def patient_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified CV folds with all rows of a patient (``groups``) in the same fold."""
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(labels)), labels, groups))
+
+
 def _temporal_split(frame: pl.DataFrame, horizon_days: int, fraction: float) -> tuple[np.ndarray, np.ndarray, date | None]:
     """Train/test masks for the temporal validation: test = the latest landmarks holding about
     ``fraction`` of the rows; train = landmarks whose whole horizon ended by the first test
@@ -169,8 +175,7 @@ def train(frame: pl.DataFrame, config: TrainingConfig, horizon_days: int = 730, 
     # Cross-validated AUROC on the training patients, folds grouped by patient: stability of
     # the fit, not a test figure.
     cv_aurocs = []
-    folds = StratifiedGroupKFold(n_splits=config.cv_folds, shuffle=True, random_state=config.seed)
-    for fit_idx, val_idx in folds.split(x_train, y_train, groups[~is_test]):
+    for fit_idx, val_idx in patient_folds(y_train, groups[~is_test], config.cv_folds, config.seed):
         if len(set(y_train[val_idx])) < 2:
             continue  # a fold without positives has no AUROC (counted by the fold count below)
         fold_model = CatBoostClassifier(**config.catboost_params())

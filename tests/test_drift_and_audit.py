@@ -62,3 +62,21 @@ def test_cutting_records_off_the_end_of_the_audit_log_is_detected(tmp_path):
     with store.warehouse.connect() as con:
         con.execute("DELETE FROM audit.audit_log")
     assert store.verify() == (False, 1)
+
+
+def test_drift_report_handles_a_feature_the_export_never_records(tmp_path):
+    """A real export without heart-rate observations: our PSI reports the column, Evidently's
+    report is made from the columns it can compare."""
+    import polars as pl
+
+    from clinical_ml.drift import drift_table, evidently_report
+
+    rng = np.random.default_rng(1)
+    reference = pl.DataFrame({"sbp_last": rng.normal(120, 12, 500), "heart_rate_mean_3y": [None] * 500},
+                             schema={"sbp_last": pl.Float64, "heart_rate_mean_3y": pl.Float64})
+    current = reference.with_columns(pl.col("sbp_last") + 10)
+    table = drift_table(reference, current, ["sbp_last", "heart_rate_mean_3y"])
+    assert table.filter(pl.col("feature") == "heart_rate_mean_3y")["psi"][0] == pytest.approx(0.0)
+    assert table.filter(pl.col("feature") == "sbp_last")["drifted"][0]
+    values = evidently_report(reference, current, ["sbp_last", "heart_rate_mean_3y"], tmp_path / "r.html")
+    assert set(values) == {"sbp_last"} and values["sbp_last"] > 0.2 and (tmp_path / "r.html").stat().st_size > 0

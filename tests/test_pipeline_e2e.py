@@ -24,13 +24,13 @@ DRIFTED_BATCH = {"ops": {"drift_report": {"config": {"synthetic_patients": 300, 
 
 
 class Pipeline:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, ndjson_dir: str | None = None):
         self.root = root
         self.warehouse = DuckDBWarehouse(path=str(root / "warehouse.duckdb"))
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
         self.resources = {
             "warehouse": self.warehouse,
-            "fhir_source": FhirSource(ndjson_dir=None, synthetic_patients=700, synthetic_seed=42,
+            "fhir_source": FhirSource(base_url=None, ndjson_dir=ndjson_dir, synthetic_patients=700, synthetic_seed=42,
                                       export_root=str(root / "exports")),
             "deid_key": DeidKey(key_env_var="E2E_DEID_KEY"),
             "mlflow": MLflowTracking(tracking_uri=self.tracking_uri, artifact_root=str(root / "artifacts")),
@@ -95,7 +95,11 @@ def test_identifier_checks_pass_and_no_phi_reaches_logs_or_mlflow(pipeline):
 
 def test_feature_matrix_and_model_are_recorded(pipeline):
     fm = pipeline.latest_metadata("feature_matrix")
-    assert fm["patients"] == pipeline.sql("SELECT count(*) FROM features.feature_matrix")[0][0] > 200
+    rows, patients, landmarks = pipeline.sql(
+        "SELECT count(*), count(DISTINCT patient_key), count(DISTINCT landmark_date) FROM features.feature_matrix")[0]
+    assert (fm["rows"], fm["patients"], fm["landmarks"]) == (rows, patients, landmarks)
+    assert rows > patients > 200 and landmarks >= 3 and fm["landmarks_derived_from_data"]
+    assert "landmark_date" in fm["landmark_table"] and "positives" in fm["landmark_table"]
     model = pipeline.latest_metadata("trained_model")
     assert model["model_version"] == 1 and 0.5 < model["test_auroc"] <= 1.0
 

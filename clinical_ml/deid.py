@@ -550,7 +550,8 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             WITH requests AS (
                 SELECT m.id, m.resource,
                     best_coding(m.resource->'medicationCodeableConcept'->'coding') AS inline_coding,
-                    m.resource->'medicationReference'->>'reference' AS med_ref
+                    m.resource->'medicationReference'->>'reference' AS med_ref,
+                    CASE WHEN NOT starts_with(med_ref, '#') THEN ref_id(med_ref) END AS medication_id
                 FROM {r}.medication_request m
             ),
             resolved AS (
@@ -563,8 +564,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                          WHEN starts_with(q.med_ref, '#') THEN 'contained'
                          WHEN q.med_ref IS NOT NULL THEN 'reference' END AS medication_source
                 FROM requests q
-                LEFT JOIN deid_medication_codes med
-                    ON NOT starts_with(q.med_ref, '#') AND med.medication_id = ref_id(q.med_ref)
+                LEFT JOIN deid_medication_codes med USING (medication_id)
             )
             SELECT pseudonym('MedicationRequest', m.id) AS medication_request_key, p.patient_key,
                 k.encounter_key,

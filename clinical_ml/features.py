@@ -76,14 +76,14 @@ class FeatureSpec:
 @dataclass(frozen=True)
 class LandmarkPlan:
     landmarks: tuple[date, ...]
-    data_start: date | None  # first and last encounter in the (de-identified, date-shifted) data
-    data_end: date | None
+    data_start: date | None  # first encounter in the (de-identified, date-shifted) data
+    data_end: date | None    # where the data ends (see resolve_landmarks)
     derived: bool
 
     def describe_span(self) -> str:
         if self.data_end is None:
             return "the data has no dated encounters"
-        return f"data runs {self.data_start} to {self.data_end} (de-identified dates)"
+        return f"data runs {self.data_start} to about {self.data_end} (de-identified dates)"
 
 
 def _add_months(day: date, months: int) -> date:
@@ -96,7 +96,14 @@ def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema:
     latest landmark whose horizon the data still covers (data end - horizon), then every
     ``landmark_interval_months`` back, at most ``max_landmarks``, none earlier than data
     start + lookback (a landmark needs history behind it)."""
-    start, end = con.execute(f"SELECT min(start_date), max(start_date) FROM {quote_ident(schema)}.encounter").fetchone()
+    # Data end: the median last encounter of the patients seen in the final two years. Not the
+    # latest date: per-patient date shifting spreads the true end over +/- the shift range, and
+    # a landmark placed from the latest shifted date would leave nearly everyone censored.
+    start, end = con.execute(f"""
+        WITH last AS (SELECT max(start_date) AS last_seen FROM {quote_ident(schema)}.encounter GROUP BY patient_key)
+        SELECT (SELECT min(start_date) FROM {quote_ident(schema)}.encounter),
+               quantile_disc(last_seen, 0.5) FILTER (WHERE last_seen >= (SELECT max(last_seen) FROM last) - 730)
+        FROM last""").fetchone()
     if spec.landmarks is not None:
         return LandmarkPlan(tuple(sorted(set(spec.landmarks))), start, end, derived=False)
     if end is None:

@@ -109,7 +109,7 @@ def test_mask(patient_keys: pl.Series, fraction: float, seed: int) -> np.ndarray
 
 
 def _baseline():
-    return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), LogisticRegression(max_iter=2000))
+    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(), LogisticRegression(max_iter=2000))
 
 
 def patient_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

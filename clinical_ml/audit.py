@@ -134,6 +134,9 @@ def collect_pipeline_facts(con: duckdb.DuckDBPyConnection) -> dict:
         },
         "deidentification": dict(con.execute("SELECT category, removed FROM deid.removal_counts ORDER BY category").fetchall()),
     }
+    if "features.feature_spec" in _tables(con, "features"):
+        # the cohort definition the feature matrix was drawn with (landmarks, horizon, lookback, ages)
+        facts["cohort"] = orjson.loads(con.execute("SELECT to_json(s) FROM features.feature_spec s").fetchone()[0])
     if model:
         version = model[0]
         facts["model"] = {"model_version": version, "mlflow_run_id": model[1], "training_data_hash": model[2],

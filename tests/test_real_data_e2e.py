@@ -104,6 +104,7 @@ def test_all_ages_cohort_runs_every_asset_to_the_audit_record(real_1461):
     assert checks["audit_chain_intact"]
     body = json.loads(real_1461.sql("SELECT body FROM audit.audit_log ORDER BY sequence DESC LIMIT 1")[0][0])
     assert body["model"]["model_version"] == model["model_version"]
+    assert body["cohort"]["min_age"] == 0 and len(body["cohort"]["landmarks"]) == 10
     assert real_1461.instance.get_latest_materialization_event(AssetKey("audit_record")) is not None
 
 

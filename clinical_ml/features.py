@@ -202,8 +202,9 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
                                      AND o.effective_date >= x.landmark_date - INTERVAL 365 DAY) AS sbp_mean_1y,
             avg(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_mean_3y,
             max(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_max_3y,
-            regr_slope(o.value_num, date_diff('day', x.landmark_date, o.effective_date) / 365.25)
-                FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_slope_per_year,
+            -- one reading (or all on one day) has no slope: missing, not NaN
+            nullif(regr_slope(o.value_num, date_diff('day', x.landmark_date, o.effective_date) / 365.25)
+                FILTER (WHERE {obs(codes.SYSTOLIC_BP)}), 'NaN'::DOUBLE) AS sbp_slope_per_year,
             arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_last,
             avg(o.value_num) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_mean_3y,
             count(*) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS n_bp_readings_3y,

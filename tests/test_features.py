@@ -56,6 +56,7 @@ def test_landmark_cohort_labels_exclusions_and_censoring(deid_con, small_export)
     assert frame.select("patient_key", "landmark_date").is_unique().all()
     assert set(frame["landmark_date"].unique()) <= set(plan.landmarks)
     assert frame["patient_key"].n_unique() < frame.height  # patients recur across landmarks
+    assert not [c for c in MODEL_FEATURES if frame[c].cast(pl.Float64).is_nan().any()]  # missing is NULL, not NaN
     assert 0.02 < frame["label"].mean() < 0.4
 
     # Ground truth from the raw export, shifted like the de-identified data.

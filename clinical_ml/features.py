@@ -196,24 +196,28 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
         GROUP BY x.patient_key, x.landmark_date
     ),
     vitals AS (
+        -- Float sums depend on the order they are added in, and DuckDB's parallel aggregation has
+        -- none: a fixed ORDER BY makes re-runs bit-identical (and the training data hash stable).
+        -- "Last" readings break same-day ties by value, for the same reason.
         SELECT x.patient_key, x.landmark_date,
-            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_last,
-            avg(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}
+            arg_max(o.value_num, (o.effective_date, o.value_num)) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_last,
+            avg(o.value_num ORDER BY o.effective_date, o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}
                                      AND o.effective_date >= x.landmark_date - INTERVAL 365 DAY) AS sbp_mean_1y,
-            avg(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_mean_3y,
+            avg(o.value_num ORDER BY o.effective_date, o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_mean_3y,
             max(o.value_num) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS sbp_max_3y,
             -- one reading (or all on one day) has no slope: missing, not NaN
-            nullif(regr_slope(o.value_num, date_diff('day', x.landmark_date, o.effective_date) / 365.25)
+            nullif(regr_slope(o.value_num, date_diff('day', x.landmark_date, o.effective_date) / 365.25
+                            ORDER BY o.effective_date, o.value_num)
                 FILTER (WHERE {obs(codes.SYSTOLIC_BP)}), 'NaN'::DOUBLE) AS sbp_slope_per_year,
-            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_last,
-            avg(o.value_num) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_mean_3y,
+            arg_max(o.value_num, (o.effective_date, o.value_num)) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_last,
+            avg(o.value_num ORDER BY o.effective_date, o.value_num) FILTER (WHERE {obs(codes.DIASTOLIC_BP)}) AS dbp_mean_3y,
             count(*) FILTER (WHERE {obs(codes.SYSTOLIC_BP)}) AS n_bp_readings_3y,
-            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.BMI)}) AS bmi_last,
-            avg(o.value_num) FILTER (WHERE {obs(codes.HEART_RATE)}) AS heart_rate_mean_3y,
-            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.CREATININE)}) AS creatinine_last,
-            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.GLUCOSE)}) AS glucose_last,
-            arg_max(o.value_num, o.effective_date) FILTER (WHERE {obs(codes.HBA1C)}) AS hba1c_last,
-            arg_max(o.value_code, o.effective_date) FILTER (WHERE {obs(codes.SMOKING_STATUS)}) AS smoking_status
+            arg_max(o.value_num, (o.effective_date, o.value_num)) FILTER (WHERE {obs(codes.BMI)}) AS bmi_last,
+            avg(o.value_num ORDER BY o.effective_date, o.value_num) FILTER (WHERE {obs(codes.HEART_RATE)}) AS heart_rate_mean_3y,
+            arg_max(o.value_num, (o.effective_date, o.value_num)) FILTER (WHERE {obs(codes.CREATININE)}) AS creatinine_last,
+            arg_max(o.value_num, (o.effective_date, o.value_num)) FILTER (WHERE {obs(codes.GLUCOSE)}) AS glucose_last,
+            arg_max(o.value_num, (o.effective_date, o.value_num)) FILTER (WHERE {obs(codes.HBA1C)}) AS hba1c_last,
+            arg_max(o.value_code, (o.effective_date, o.value_code)) FILTER (WHERE {obs(codes.SMOKING_STATUS)}) AS smoking_status
         FROM pairs x JOIN {s}.observation o
           ON o.patient_key = x.patient_key AND o.effective_date < x.landmark_date AND o.effective_date >= {look}
         GROUP BY x.patient_key, x.landmark_date

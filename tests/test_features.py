@@ -179,3 +179,21 @@ def test_encounter_classes_as_act_codes_or_plain_words():
            "daytime", None]
     mapped = con.execute(f"SELECT list_transform(?::VARCHAR[], c -> {encounter_class_sql('c')})", [raw]).fetchone()[0]
     assert mapped == ["AMB", "EMER", "IMP", "AMB", "EMER", "IMP", "AMB", "AMB", "IMP", "VR", "UNK", None]
+
+
+def test_rebuilding_the_matrix_gives_identical_bits(small_export):
+    """DuckDB aggregates in parallel with no fixed order; float sums and same-day "last" values
+    must not depend on it, or every re-run would carry a new training-data hash. Enough rows
+    (1.2M readings) for DuckDB to split the aggregation across threads."""
+    from clinical_ml.training import frame_hash
+
+    con = duckdb.connect(config={"threads": 4})
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    con.execute("""INSERT INTO deid.observation (patient_key, effective_date, code, value_num)
+                   SELECT p.patient_key, DATE '2016-01-01' + (hash(p.patient_key, i) % 2500)::INTEGER,
+                          '8480-6', 90 + (hash(i, p.patient_key) % 9000) / 97.0
+                   FROM deid.patient p, range(3000) r(i)""")
+    assert con.execute("SELECT count(*) FROM deid.observation").fetchone()[0] > 1_000_000
+    hashes = {frame_hash(build_feature_matrix(con, FeatureSpec())) for _ in range(3)}
+    assert len(hashes) == 1

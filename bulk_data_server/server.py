@@ -6,6 +6,12 @@ Bulk Data client must survive: throttling, server errors, slow responses, failin
 connections dropped mid-body. It runs on the standard library's ``ThreadingHTTPServer`` over real
 sockets, so a dropped connection is a real one.
 
+As strict as the SMART reference server (smart-on-fhir/bulk-data-server) where our client must
+conform: the client assertion's header must carry ``kid`` (the key is picked from the client's
+registered JWKS by it) and ``typ: JWT``; scopes must be SMART v1 (``system/*.read``) or v2
+(``system/*.rs``); kick-off and status can be rate limited per client with ``Retry-After`` as an
+HTTP-date; types can fail into the manifest's ``error`` list; an export's files can expire (410).
+
 Each kick-off snapshots the store and serializes the export at once; status polls only count down
 ``polls_before_complete`` before the manifest is served. Finished exports stay in memory until the
 client deletes them (``DELETE`` on the status URL), as the specification asks clients to do.
@@ -15,8 +21,10 @@ so there is no compartment filtering and every Group id (but ``unknown``) is tha
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
+from email.utils import format_datetime
 import socket
 import sys
 import threading
@@ -50,6 +58,8 @@ DEFAULT_RETRY_AFTER = "1"
 UNKNOWN_GROUP_ID = "unknown"  # the one Group id that answers 404, to exercise that path
 
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]+")
+# SMART scopes: v1 "system/Patient.read" (or .write, .*), v2 "system/Patient.rs" (cruds subsets).
+_SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)")
 # "<ResourceType>.<anything>.ndjson" (or "<ResourceType>.ndjson"); "log.ndjson" does not match.
 _RESOURCE_FILE = re.compile(r"([A-Z][A-Za-z]+)(?:\..+)?\.ndjson")
 
@@ -96,6 +106,7 @@ class ServerFaults:
     file_500: dict[str, int] = field(default_factory=dict)  # file name -> next N downloads answer 500
     drop_mid_download: dict[str, int] = field(default_factory=dict)  # file name -> next N downloads cut short
     slow_seconds: float = 0.0  # sleep before every response
+    expire_exports: int = 0  # the next N exports' files answer 410 Gone (expired on the server)
 
 
 class ResourceStore:
@@ -196,6 +207,17 @@ class _ExportJob:
     manifest: dict[str, Any]
     files: dict[str, bytes]
     polls: int = 0
+    expired: bool = False
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``requests`` kick-off/status requests per ``window_seconds`` per client; past
+    that, every such request answers 429 for ``penalty_seconds``, ``Retry-After`` an HTTP-date."""
+
+    requests: int = 60
+    window_seconds: float = 60.0
+    penalty_seconds: float = 300.0
 
 
 def _json(status: int, document: Any, content_type: str = "application/json", **headers: str) -> _Response:
@@ -222,6 +244,22 @@ def _accepts_gzip(accept_encoding: str | None) -> bool:
         if coding == "gzip":
             return "q=0" not in params and "q=0.0" not in params
     return False
+
+
+def _thumbprint(key: RSAPublicKey | EllipticCurvePublicKey) -> str:
+    """RFC 7638 thumbprint of a public key (the kid a client derives by default)."""
+    import base64
+    import hashlib
+    import json
+
+    if isinstance(key, RSAPublicKey):
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
+        members = ("e", "kty", "n")
+    else:
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+        members = ("crv", "kty", "x", "y")
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
 def _ndjson(documents: Iterable[Any]) -> bytes:
@@ -352,6 +390,8 @@ class BulkDataServer:
         polls_before_complete: int = 1,
         requires_access_token: bool | None = None,
         error_file: bool = False,
+        failing_types: Iterable[str] = (),
+        rate_limit: RateLimit | None = None,
         gzip: bool = True,
         max_lines_per_file: int = 50_000,
         faults: ServerFaults | None = None,
@@ -366,6 +406,8 @@ class BulkDataServer:
         self.polls_before_complete = polls_before_complete
         self.requires_access_token = require_auth if requires_access_token is None else requires_access_token
         self.error_file = error_file
+        self.failing_types = frozenset(failing_types)  # exported as errors, not as output
+        self.rate_limit = rate_limit
         self.gzip = gzip
         self.max_lines_per_file = max_lines_per_file
         self.faults = faults or ServerFaults()
@@ -374,8 +416,11 @@ class BulkDataServer:
 
         self._lock = threading.Lock()  # guards jobs, clients, tokens, used jtis, faults, requests
         self._jobs: dict[str, _ExportJob] = {}
-        self._clients: dict[str, RSAPublicKey | EllipticCurvePublicKey] = {}
+        self._clients: dict[str, dict[str, RSAPublicKey | EllipticCurvePublicKey]] = {}  # client -> kid -> key
         self._tokens: dict[str, float] = {}  # access token -> time.monotonic() expiry
+        self._token_clients: dict[str, str] = {}  # access token -> client id (for the rate limit)
+        self._request_times: dict[str, list[float]] = {}  # client -> recent kick-off/status times
+        self._penalty_until: dict[str, float] = {}  # client -> epoch seconds
         self._used_jtis: dict[tuple[str, str], float] = {}  # (iss, jti) -> assertion exp (epoch)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -451,14 +496,27 @@ class BulkDataServer:
 
     # -- administration -----------------------------------------------------------------------
 
-    def register_client(self, client_id: str, public_key_pem: str | bytes) -> None:
-        """Allow ``client_id`` to obtain tokens with assertions signed by this key's private half."""
-        pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
-        key = load_pem_public_key(pem)
-        if not isinstance(key, RSAPublicKey | EllipticCurvePublicKey):
-            raise ValueError("only RSA (RS384) and EC (ES384) public keys are supported")
+    def register_client(self, client_id: str, public_key_pem: str | bytes | None = None, *,
+                        jwks: Mapping[str, Any] | None = None, kid: str | None = None) -> None:
+        """Allow ``client_id`` to obtain tokens with assertions signed by one of its keys: a JWKS
+        (``{"keys": [...]}``, each with a ``kid``), as EHRs register clients, or one PEM public
+        key, whose ``kid`` is ``kid`` or else its RFC 7638 thumbprint."""
+        keys: dict[str, RSAPublicKey | EllipticCurvePublicKey] = {}
+        if jwks is not None:
+            for jwk in jwks.get("keys", []):
+                if not jwk.get("kid"):
+                    raise ValueError("every key of a registered JWKS needs a kid")
+                if any(member in jwk for member in ("d", "p", "q")):
+                    raise ValueError("a JWKS to register holds public keys only")
+                keys[jwk["kid"]] = jwt.PyJWK(dict(jwk)).key
+        if public_key_pem is not None:
+            pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+            key = load_pem_public_key(pem)
+            keys[kid or _thumbprint(key)] = key
+        if not keys or not all(isinstance(k, RSAPublicKey | EllipticCurvePublicKey) for k in keys.values()):
+            raise ValueError("register RSA (RS384) or EC (ES384) public keys, as a JWKS or a PEM")
         with self._lock:
-            self._clients[client_id] = key
+            self._clients.setdefault(client_id, {}).update(keys)
 
     def expire_tokens(self) -> None:
         """Invalidate every access token issued so far."""
@@ -532,13 +590,34 @@ class BulkDataServer:
             )
         return None
 
+    def _rate_limited(self, request: _Request) -> _Response | None:
+        """429 with an HTTP-date Retry-After when the client is over its rate limit."""
+        if self.rate_limit is None:
+            return None
+        token = (request.headers.get("Authorization") or "").partition(" ")[2].strip()
+        now = time.time()
+        with self._lock:
+            client = self._token_clients.get(token, "anonymous")
+            if now < self._penalty_until.get(client, 0.0):
+                until = self._penalty_until[client]
+            else:
+                recent = [t for t in self._request_times.get(client, []) if t > now - self.rate_limit.window_seconds]
+                recent.append(now)
+                self._request_times[client] = recent
+                if len(recent) <= self.rate_limit.requests:
+                    return None
+                until = self._penalty_until[client] = now + self.rate_limit.penalty_seconds
+                self._request_times[client] = []
+        retry_at = format_datetime(datetime.fromtimestamp(math.ceil(until), timezone.utc), usegmt=True)
+        return _outcome(429, "Too many requests. Please try again later.", "throttled", **{"Retry-After": retry_at})
+
     def _smart_configuration(self) -> _Response:
         return _json(200, {
             "token_endpoint": self.token_url,
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": SIGNING_ALGORITHMS,
-            "scopes_supported": ["system/*.read"],
+            "scopes_supported": ["system/*.read", "system/*.rs"],
             "capabilities": ["client-confidential-asymmetric"],
         })
 
@@ -588,15 +667,28 @@ class BulkDataServer:
             )
         if not form.get("scope"):
             return _oauth_error(400, "invalid_scope", "scope is required")
+        if bad := [s for s in form["scope"].split() if not _SCOPE.fullmatch(s)]:
+            return _oauth_error(400, "invalid_scope", f"not SMART system scopes: {' '.join(bad)[:200]}")
         assertion = form["client_assertion"]
         try:
+            header = jwt.get_unverified_header(assertion)
             issuer = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError as error:
             return _oauth_error(401, "invalid_client", f"malformed client assertion: {error}")
+        # SMART Backend Services: kid and typ are required in the JOSE header (as the reference
+        # server enforces: "Invalid JWT token header. Missing 'kid' property.").
+        if not header.get("kid"):
+            return _oauth_error(400, "invalid_request",
+                                "Invalid registration token: Invalid JWT token header. Missing 'kid' property.")
+        if header.get("typ") != "JWT":
+            return _oauth_error(400, "invalid_request", "Invalid JWT token header: typ must be 'JWT'.")
         with self._lock:
-            key = self._clients.get(issuer) if isinstance(issuer, str) else None
-        if key is None:
+            keys = self._clients.get(issuer, {}) if isinstance(issuer, str) else {}
+            key = keys.get(header["kid"])
+        if not keys:
             return _oauth_error(401, "invalid_client", f"unknown client {issuer!r}")
+        if key is None:
+            return _oauth_error(401, "invalid_client", "no registered key of this client has that kid")
         try:
             claims = jwt.decode(
                 assertion, key, algorithms=SIGNING_ALGORITHMS, audience=self.token_url, issuer=issuer,
@@ -619,7 +711,9 @@ class BulkDataServer:
             self._used_jtis[jti] = float(claims["exp"])
             clock = time.monotonic()
             self._tokens = {t: expiry for t, expiry in self._tokens.items() if expiry > clock}
+            self._token_clients = {t: c for t, c in self._token_clients.items() if t in self._tokens}
             self._tokens[token] = clock + self.token_ttl_seconds
+            self._token_clients[token] = issuer
         return _json(200, {
             "access_token": token,
             "token_type": "bearer",
@@ -631,6 +725,8 @@ class BulkDataServer:
         # Throttling comes first, as a gateway in front of a real server would answer it.
         if self._take_fault("kickoff_429"):
             return _outcome(429, "too many requests", "throttled", **{"Retry-After": self._retry_after()})
+        if (limited := self._rate_limited(request)) is not None:
+            return limited
         if self.require_auth and (denied := self._token_error(request)) is not None:
             return denied
         if FHIR_JSON not in _header_values(request.headers.get("Accept")):
@@ -659,6 +755,7 @@ class BulkDataServer:
         resources, deleted = self.store.snapshot(types or None, since)
         job_id = uuid.uuid4().hex
         job = self._build_job(job_id, request.target, transaction_time, resources, deleted)
+        job.expired = self._take_fault("expire_exports")
         with self._lock:
             self._jobs[job_id] = job
         return _Response(202, headers={"Content-Location": f"{self.base_url}/status/{job_id}"})
@@ -677,8 +774,11 @@ class BulkDataServer:
             files[name] = _ndjson(documents)
             return {"type": document_type, "url": f"{self.base_url}/files/{job_id}/{name}", "count": len(documents)}
 
-        output = []
+        output, failed = [], []
         for resource_type, items in sorted(resources.items()):
+            if resource_type in self.failing_types:
+                failed.append((resource_type, len(items)))
+                continue
             for part, start in enumerate(range(0, len(items), self.max_lines_per_file)):
                 chunk = items[start : start + self.max_lines_per_file]
                 output.append(add_file(f"{resource_type}.{part:03d}.ndjson", chunk, resource_type))
@@ -702,13 +802,19 @@ class BulkDataServer:
                 for t, ids in sorted(deleted.items())
             ]
             manifest["deleted"] = [add_file("deleted.000.ndjson", bundles, "Bundle")]
+        outcomes = [{
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "processing", "expression": [resource_type],
+                       "diagnostics": f"Failed to export {n} {resource_type} resources"}],
+        } for resource_type, n in failed]
         if self.error_file:
-            outcome = {
+            outcomes.append({
                 "resourceType": "OperationOutcome",
                 "issue": [{"severity": "error", "code": "processing",
                            "diagnostics": "simulated failure to export one resource"}],
-            }
-            manifest["error"] = [add_file("error.000.ndjson", [outcome], "OperationOutcome")]
+            })
+        if outcomes:
+            manifest["error"] = [add_file("error.000.ndjson", outcomes, "OperationOutcome")]
         return _ExportJob(manifest=manifest, files=files)
 
     def _status(self, request: _Request, job_id: str) -> _Response:
@@ -716,6 +822,8 @@ class BulkDataServer:
             return _outcome(429, "too many requests", "throttled", **{"Retry-After": self._retry_after()})
         if self._take_fault("status_500"):
             return _outcome(503, "service temporarily unavailable", "transient", **{"Retry-After": self._retry_after()})
+        if (limited := self._rate_limited(request)) is not None:
+            return limited
         if self.require_auth and (denied := self._token_error(request)) is not None:
             return denied
         with self._lock:
@@ -746,6 +854,8 @@ class BulkDataServer:
         body = job.files.get(name) if job is not None else None
         if body is None:
             return _outcome(404, f"no file {name} in export job {job_id}", "not-found")
+        if job.expired:
+            return _outcome(410, f"the files of export {job_id} have expired; start a new export", "expired")
         if self._take_file_fault("file_500", name):
             return _outcome(500, f"simulated failure serving {name}", "exception")
         headers = {"Vary": "Accept-Encoding"} if self.gzip else {}

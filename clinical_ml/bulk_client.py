@@ -9,16 +9,25 @@
   accepted, and are renamed into place only when complete, with SHA-256 recorded. A rerun
   resumes an unfinished export (same status URL) and skips files already complete and verified.
 - SMART Backend Services: a client-credentials grant with a signed JWT assertion (RS384 or
-  ES384); the token is cached, refreshed before expiry, and once more on a 401.
+  ES384) whose header names the key (``kid``, by default its RFC 7638 thumbprint) and ``typ: JWT``;
+  the token is cached, refreshed before expiry, and once more on a 401. ``python -m
+  clinical_ml.bulk_client jwks --key key.pem`` prints the public JWKS to register with the EHR.
+- A hostile or broken manifest cannot do harm: file types are validated before they become
+  file names, the access token goes only to the FHIR server's own origin (or an allowed list)
+  and only when the manifest asks for it, and each download has a size ceiling and a time limit.
+- A file the server has expired (410) starts the export over once; a status endpoint's rate
+  limit (429, Retry-After in seconds or as an HTTP-date) is waited out until the deadline.
 - Interrupting an export (Ctrl-C, a cancelled Dagster run) sends DELETE to the status URL.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import hashlib
 import json
-import re
 import math
+import re
 import random
 import shutil
 import threading
@@ -30,7 +39,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Callable, Literal
-from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -39,6 +48,59 @@ FHIR_JSON = "application/fhir+json"
 NDJSON_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 STATE_FILE = "_export_state.json"
+# A FHIR resource type name; anything else in a manifest's `type` is refused before it can
+# become part of a file name ("../../x" must never leave the export folder).
+RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+SCOPE_VERSIONS = ("v2", "v1")
+
+
+def smart_scope(types: tuple[str, ...] = (), version: str = "v2") -> str:
+    """SMART system scopes for an export: v2 ``system/Patient.rs`` (read + search), v1
+    ``system/Patient.read``; ``*`` when no types are named."""
+    if version not in SCOPE_VERSIONS:
+        raise ValueError(f"SMART scope version must be one of {SCOPE_VERSIONS}, not {version!r}")
+    suffix = "rs" if version == "v2" else "read"
+    return " ".join(f"system/{t}.{suffix}" for t in (types or ("*",)))
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(private_key) -> dict:
+    """The public half of an RSA or EC private key as a JWK (no private members)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    public = private_key.public_key()
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        return jwt.algorithms.RSAAlgorithm.to_jwk(public, as_dict=True)
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        return jwt.algorithms.ECAlgorithm.to_jwk(public, as_dict=True)
+    raise ValueError("SMART Backend Services needs an RSA (RS384) or EC P-384 (ES384) key")
+
+
+def jwk_thumbprint(jwk: dict) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url): the default key id."""
+    required = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}[jwk["kty"]]
+    canonical = json.dumps({k: jwk[k] for k in required}, separators=(",", ":"), sort_keys=True)
+    return _b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+def load_private_key(private_key: str | bytes):
+    """A PEM private key from its text or the path of its file."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if isinstance(private_key, str):
+        private_key = (private_key if "-----BEGIN" in private_key else Path(private_key).read_text()).encode()
+    return load_pem_private_key(private_key, password=None)
+
+
+def jwks_document(private_key, key_id: str | None = None) -> dict:
+    """The JWKS to register with an EHR for this private key: public members, ``kid``
+    (default: the thumbprint), ``alg``, ``use: sig``, ``key_ops: [verify]``."""
+    jwk = public_jwk(private_key)
+    alg = "RS384" if jwk["kty"] == "RSA" else "ES384"
+    return {"keys": [{**jwk, "kid": key_id or jwk_thumbprint(jwk), "alg": alg, "use": "sig", "key_ops": ["verify"]}]}
 
 
 class BulkDataError(RuntimeError):
@@ -123,16 +185,19 @@ class SmartBackendAuth:
     """SMART Backend Services (client-credentials with a private-key JWT assertion)."""
 
     def __init__(self, client_id: str, private_key_pem: str | bytes, token_url: str | None = None,
-                 scope: str = "system/*.read", algorithm: str | None = None, refresh_margin_s: float = 60.0):
+                 scope: str = "system/*.rs", algorithm: str | None = None, refresh_margin_s: float = 60.0,
+                 key_id: str | None = None, jku: str | None = None):
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         self.client_id = client_id
         self.token_url = token_url
         self.scope = scope
         self.refresh_margin_s = refresh_margin_s
-        pem = private_key_pem.encode() if isinstance(private_key_pem, str) else private_key_pem
-        self._key = load_pem_private_key(pem, password=None)
+        self._key = load_private_key(private_key_pem)
+        # SMART Backend Services: the assertion's header must name the signing key (kid), so
+        # the server can pick it from the client's registered JWKS; jku is optional.
+        self.key_id = key_id or jwk_thumbprint(public_jwk(self._key))
+        self.jku = jku
         if algorithm is None:
             if isinstance(self._key, rsa.RSAPrivateKey):
                 algorithm = "RS384"
@@ -180,6 +245,9 @@ class SmartBackendAuth:
         pem = private_key if "-----BEGIN" in private_key else Path(private_key).read_text()
         return SmartBackendAuth(client_id, pem, **kwargs)
 
+    def jwks(self) -> dict:
+        return jwks_document(self._key, self.key_id)
+
     def discover(self, http: httpx.Client, base_url: str) -> None:
         if self.token_url:
             return
@@ -193,7 +261,8 @@ class SmartBackendAuth:
         now = int(time.time())
         claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
                   "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())}
-        return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"typ": "JWT"})
+        headers = {"typ": "JWT", "kid": self.key_id, **({"jku": self.jku} if self.jku else {})}
+        return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
 
     def token(self, http: httpx.Client, force_refresh: bool = False) -> str:
         with self._lock:
@@ -240,12 +309,24 @@ class BulkDataClient:
         max_retries: int = 6,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
-        retry_after_bounds: tuple[float, float] = (1.0, 120.0),
+        retry_after_bounds: tuple[float, float] = (1.0, 300.0),
+        min_poll_interval_s: float = 2.0,
         max_parallel_downloads: int = 4,
+        max_file_bytes: int = 50 * 1024**3,
+        file_timeout_s: float = 2 * 3600,
+        token_origins: tuple[str, ...] = (),
         log: Callable[[str], None] = lambda message: None,
         sleep: Callable[[float], None] = time.sleep,
     ):
+        """``min_poll_interval_s``: never poll the status URL faster than this, whatever the
+        server says. ``max_file_bytes`` / ``file_timeout_s``: a ceiling on each downloaded file
+        (decompressed) and on the time it may take. ``token_origins``: origins besides the FHIR
+        server's own that may receive the access token with a file download."""
         self.base_url = base_url.rstrip("/")
+        self.min_poll_interval_s = min_poll_interval_s
+        self.max_file_bytes = max_file_bytes
+        self.file_timeout_s = file_timeout_s
+        self.token_origins = {_origin(self.base_url), *(_origin(o) for o in token_origins)}
         self.auth = auth
         self.overall_timeout_s = overall_timeout_s
         self.max_retries = max_retries
@@ -287,8 +368,11 @@ class BulkDataClient:
         self.sleep(delay)
 
     def request(self, method: str, url: str, *, headers: dict | None = None, with_auth: bool = True,
-                params: dict | None = None, accept_status: tuple[int, ...] = (200,)) -> httpx.Response:
-        """A request whose status is in ``accept_status``, after retries; else BulkDataError."""
+                params: dict | None = None, accept_status: tuple[int, ...] = (200,),
+                throttled_until: float | None = None) -> httpx.Response:
+        """A request whose status is in ``accept_status``, after retries; else BulkDataError.
+        With ``throttled_until`` (a monotonic deadline), 429s are waited out until then without
+        using up retries: a rate limit is a pace to keep, not a failure."""
         refreshed = False
         attempt = -1
         while attempt < self.max_retries:
@@ -308,6 +392,10 @@ class BulkDataClient:
                 self.auth.token(self.http, force_refresh=True)
                 attempt -= 1  # the refresh does not use up a retry
                 continue
+            if response.status_code == 429 and throttled_until is not None and time.monotonic() < throttled_until:
+                self._wait_before_retry(min(attempt, 3), response, f"{method} {url}: rate limited (HTTP 429)")
+                attempt -= 1  # waiting out a rate limit does not use up a retry
+                continue
             if response.status_code in RETRYABLE_STATUS and attempt < self.max_retries:
                 self._wait_before_retry(attempt, response, f"{method} {url}: HTTP {response.status_code}")
                 continue
@@ -316,10 +404,10 @@ class BulkDataClient:
         raise BulkDataError(f"{method} {url}: no attempts left")  # only reachable with max_retries < 0
 
     # -- the export flow ---------------------------------------------------------------------
-    def kickoff(self, export: ExportRequest) -> str:
+    def kickoff(self, export: ExportRequest, deadline: float | None = None) -> str:
         url = f"{self.base_url}/{export.path()}"
         response = self.request("GET", url, params=export.params(), accept_status=(202,),
-                                headers={"Accept": FHIR_JSON, "Prefer": "respond-async"})
+                                headers={"Accept": FHIR_JSON, "Prefer": "respond-async"}, throttled_until=deadline)
         status_url = response.headers.get("Content-Location")
         if not status_url:
             raise BulkDataError("kick-off accepted without a Content-Location status URL", 202)
@@ -331,13 +419,15 @@ class BulkDataClient:
         while True:
             if time.monotonic() > deadline:
                 raise BulkDataError(f"export not complete within {self.overall_timeout_s:.0f}s: {status_url}")
-            response = self.request("GET", status_url, accept_status=(200, 202), headers={"Accept": "application/json"})
+            response = self.request("GET", status_url, accept_status=(200, 202), headers={"Accept": "application/json"},
+                                    throttled_until=deadline)
             if response.status_code == 200:
                 return response.json()
             progress = response.headers.get("X-Progress")
             delay = parse_retry_after(response.headers.get("Retry-After"), minimum=self.retry_after_bounds[0],
                                       maximum=self.retry_after_bounds[1])
-            delay = self.retry_after_bounds[0] if delay is None else delay
+            # never faster than the floor, whatever the server says (rate limits are per client)
+            delay = max(self.min_poll_interval_s, self.retry_after_bounds[0] if delay is None else delay)
             self.log(f"export in progress{f' ({progress})' if progress else ''}; next poll in {delay:.0f}s")
             self.sleep(min(delay, max(deadline - time.monotonic(), 0)))
 
@@ -350,6 +440,8 @@ class BulkDataClient:
 
     def _download(self, kind: str, rtype: str, url: str, target: Path, requires_token: bool,
                   known: dict[str, dict]) -> DownloadedFile:
+        """Stream one file to ``target``; ``requires_token`` was checked against the allowed
+        origins before any download started."""
         record = known.get(url)
         if record and target.exists() and _sha256_file(target) == record["sha256"]:
             return DownloadedFile(kind, rtype, url, str(target), record["sha256"], target.stat().st_size, True)
@@ -370,11 +462,21 @@ class BulkDataClient:
                         response.read()
                         raise BulkDataError(f"download of {url} failed with HTTP {response.status_code}: "
                                             f"{operation_outcome_text(response)}", response.status_code)
+                    started = time.monotonic()
                     with open(partial, "wb") as handle:
                         for chunk in response.iter_bytes(1 << 20):  # decompressed, streamed
+                            size += len(chunk)
+                            if size > self.max_file_bytes:
+                                raise _FileLimit(f"download of {url} stopped: larger than {self.max_file_bytes} bytes "
+                                                 "(max_file_bytes)")
+                            if time.monotonic() - started > self.file_timeout_s:
+                                raise _FileLimit(f"download of {url} stopped: not complete within "
+                                                 f"{self.file_timeout_s:.0f}s (file_timeout_s)")
                             handle.write(chunk)
                             digest.update(chunk)
-                            size += len(chunk)
+            except _FileLimit as err:
+                partial.unlink(missing_ok=True)
+                raise BulkDataError(str(err)) from None
             except httpx.TransportError as err:  # dropped connection, incomplete body, timeout
                 if attempt == self.max_retries:
                     raise BulkDataError(f"download of {url} failed after {attempt + 1} attempts: {err}") from err
@@ -407,14 +509,21 @@ class BulkDataClient:
             try:
                 result = self._run(export, directory, state, state_path, deadline)
             except BulkDataError as err:
-                # The server forgot the export we were resuming (expired or cleaned up): its
-                # status or file URLs answer 404/410. Start one new export; fail if that does too.
-                if not (resumed and err.status_code in (404, 410)):
+                # The server forgot the export we were resuming (its status or file URLs answer
+                # 404/410), or expired the files of this one (410 Gone: the IG's remedy is a new
+                # export). Start one new export; fail if that does too.
+                if not ((resumed and err.status_code in (404, 410)) or err.status_code == 410):
                     raise
-                self.log(f"the export being resumed is gone on the server (HTTP {err.status_code}): starting a new one")
+                self.log(f"the export's files are gone on the server (HTTP {err.status_code}): starting a new export")
                 state, resumed = start_over(), False
                 _write_json(state_path, state)
-                result = self._run(export, directory, state, state_path, deadline)
+                try:
+                    result = self._run(export, directory, state, state_path, deadline)
+                except BulkDataError as again:
+                    if again.status_code in (404, 410):
+                        raise BulkDataError(f"the export was started again after its files were gone, and the new "
+                                            f"export's files are gone too: {again}", again.status_code) from None
+                    raise
         except Exception:
             raise  # keep the state: the next run resumes this export
         except BaseException:
@@ -431,24 +540,33 @@ class BulkDataClient:
              deadline: float) -> ExportResult:
         """Kick off (unless resuming), poll, download; every step recorded in ``state``."""
         if not state.get("status_url"):
-            state["status_url"] = self.kickoff(export)
+            state["status_url"] = self.kickoff(export, deadline)
             _write_json(state_path, state)
         state["manifest"] = state.get("manifest") or self.poll(state["status_url"], deadline)
         _write_json(state_path, state)
         return self._download_all(state["manifest"], directory, state, state_path)
 
     def _download_all(self, manifest: dict, directory: Path, state: dict, state_path: Path) -> ExportResult:
-        requires_token = bool(manifest.get("requiresAccessToken"))
+        requires_token = manifest.get("requiresAccessToken") is True
         jobs = []
         for kind, sub in (("output", ""), ("deleted", "deleted"), ("error", "error")):
             counters: dict[str, int] = {}
             for item in manifest.get(kind, []) or []:
-                rtype = item.get("type", "Unknown")
+                rtype, url = item.get("type"), item.get("url")
+                if not isinstance(rtype, str) or not RESOURCE_TYPE.fullmatch(rtype):
+                    raise BulkDataError(f"manifest {kind} entry has an invalid type {str(rtype)[:80]!r}: "
+                                        "nothing was downloaded")
+                if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+                    raise BulkDataError(f"manifest {kind} entry for {rtype} has no http(s) url: nothing was downloaded")
+                if requires_token and _origin(url) not in self.token_origins:
+                    raise BulkDataError(
+                        f"manifest asks for the access token at {_origin(url)}, which is not the FHIR server's "
+                        f"origin: refusing to send it (allow that origin with FHIR_TOKEN_ORIGINS if it is yours)")
                 n = counters.get(rtype, 0)
                 counters[rtype] = n + 1
                 target = directory / sub / f"{rtype}.{n:03d}.ndjson"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                jobs.append((kind, rtype, item["url"], target))
+                jobs.append((kind, rtype, url, target))
         lock = threading.Lock()
 
         def run(job) -> DownloadedFile:
@@ -464,6 +582,16 @@ class BulkDataClient:
                  f"{sum(f.skipped_as_complete for f in files)} already complete")
         return ExportResult(directory=directory, transaction_time=manifest.get("transactionTime", ""),
                             request_url=manifest.get("request", ""), files=files)
+
+
+class _FileLimit(Exception):
+    """A download went over its size ceiling or time limit (not retried)."""
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def _sha256_file(path: Path) -> str:
@@ -483,3 +611,20 @@ def _write_json(path: Path, value: dict) -> None:
 def result_summary(result: ExportResult) -> dict:
     return {"transaction_time": result.transaction_time, "request": result.request_url, "resumed": result.resumed,
             "files": [asdict(f) for f in result.files]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m clinical_ml.bulk_client jwks --key key.pem [--kid ID]``: print the public JWKS
+    to register with an EHR (never any private member)."""
+    parser = argparse.ArgumentParser(prog="python -m clinical_ml.bulk_client",
+                                     description="FHIR Bulk Data client utilities")
+    commands = parser.add_subparsers(dest="command", required=True)
+    jwks = commands.add_parser("jwks", help="print the public JWKS of a private key, to register the client")
+    jwks.add_argument("--key", required=True, help="PEM private key file (RSA for RS384, EC P-384 for ES384)")
+    jwks.add_argument("--kid", default=None, help="key id (default: the RFC 7638 thumbprint, as the client sends)")
+    args = parser.parse_args(argv)
+    print(json.dumps(jwks_document(load_private_key(Path(args.key).read_bytes()), args.kid), indent=2))
+
+
+if __name__ == "__main__":
+    main()

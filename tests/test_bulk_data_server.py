@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bulk_data_server import BulkDataServer, ServerFaults
+from clinical_ml.bulk_client import jwk_thumbprint, jwks_document, public_jwk
 from tests.conftest import shared_sample
 
 KICKOFF_HEADERS = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
@@ -313,11 +314,19 @@ def public_pem(private_key) -> bytes:
     )
 
 
+def kid_of(private_key) -> str:
+    return jwk_thumbprint(public_jwk(private_key))
+
+
 def assertion(private_key, server: BulkDataServer, client_id: str = "client-1", *, algorithm: str = "RS384",
-              lifetime: int = 240, jti: str | None = None, **claims: str) -> str:
+              lifetime: int = 240, jti: str | None = None, headers: dict | None = None, **claims: str) -> str:
+    """A client assertion as SMART Backend Services requires it: kid (the key's thumbprint, the
+    client's default) and typ JWT in the header, unless ``headers`` says otherwise."""
     payload = {"iss": client_id, "sub": client_id, "aud": server.token_url,
                "exp": int(time.time()) + lifetime, "jti": jti or uuid.uuid4().hex, **claims}
-    return jwt.encode(payload, private_key, algorithm=algorithm)
+    if headers is None:
+        headers = {"typ": "JWT", "kid": kid_of(private_key)}
+    return jwt.encode(payload, private_key, algorithm=algorithm, headers=headers)
 
 
 def request_token(client: httpx.Client, server: BulkDataServer, client_assertion: str) -> httpx.Response:
@@ -342,7 +351,7 @@ def test_smart_configuration_and_capability_statement(server, client):
     assert config["grant_types_supported"] == ["client_credentials"]
     assert config["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
     assert config["token_endpoint_auth_signing_alg_values_supported"] == ["RS384", "ES384"]
-    assert config["scopes_supported"] == ["system/*.read"]
+    assert config["scopes_supported"] == ["system/*.read", "system/*.rs"]
     assert client.get(server.base_url + "/metadata").json()["resourceType"] == "CapabilityStatement"
 
 
@@ -413,9 +422,14 @@ def test_a_reused_jti_is_rejected(auth_server, client, rsa_key):
     pytest.param(lambda key, server: assertion(key, server, algorithm="RS256"), id="rs256"),
     pytest.param(lambda key, server: assertion(rsa.generate_private_key(public_exponent=65537, key_size=2048),
                                                server), id="other-key"),
+    # signed by another key but naming the registered key's kid: the signature does not verify
+    pytest.param(lambda key, server: assertion(rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                                               server, headers={"typ": "JWT", "kid": kid_of(key)}),
+                 id="other-key-registered-kid"),
     pytest.param(lambda key, server: jwt.encode({"iss": "client-1", "sub": "client-1", "aud": server.token_url,
                                                  "exp": int(time.time()) + 60, "jti": "x"},
-                                                "a-shared-secret-that-is-long-enough-for-hmac-sha384", algorithm="HS384"),
+                                                "a-shared-secret-that-is-long-enough-for-hmac-sha384", algorithm="HS384",
+                                                headers={"typ": "JWT", "kid": kid_of(key)}),
                  id="hs384"),
     pytest.param(lambda key, server: "not.a.jwt", id="garbage"),
 ])
@@ -481,3 +495,82 @@ def test_cli_serves_a_directory_until_interrupted(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+# -- strict like the reference server ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers,reason", [
+    ({"typ": "JWT"}, "Missing 'kid' property"),
+    ({}, "Missing 'kid' property"),
+    (None, "typ must be 'JWT'"),
+])
+def test_an_assertion_header_without_kid_or_typ_is_refused(auth_server, client, rsa_key, headers, reason):
+    if headers is None:
+        headers = {"kid": kid_of(rsa_key), "typ": "at+jwt"}
+    response = request_token(client, auth_server, assertion(rsa_key, auth_server, headers=headers))
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+    assert reason in response.json()["error_description"]
+
+
+def test_a_client_registered_by_jwks_is_matched_by_kid(client, rsa_key):
+    other = ec.generate_private_key(ec.SECP384R1())
+    with BulkDataServer.from_synthetic(n_patients=2, seed=3, require_auth=True) as server:
+        jwks = jwks_document(other, key_id="ec-2026")
+        jwks["keys"] += jwks_document(rsa_key)["keys"]
+        server.register_client("client-1", jwks=jwks)
+        assert request_token(client, server, assertion(rsa_key, server)).status_code == 200
+        ec_assertion = assertion(other, server, algorithm="ES384", headers={"typ": "JWT", "kid": "ec-2026"})
+        assert request_token(client, server, ec_assertion).status_code == 200
+        wrong_kid = assertion(other, server, algorithm="ES384", headers={"typ": "JWT", "kid": "not-registered"})
+        assert request_token(client, server, wrong_kid).status_code == 401
+        with pytest.raises(ValueError, match="public keys only"):
+            server.register_client("c", jwks={"keys": [{**jwks["keys"][0], "d": "secret"}]})
+
+
+@pytest.mark.parametrize("scope,status", [
+    ("system/*.rs", 200), ("system/*.read", 200), ("system/Patient.rs system/Observation.rs", 200),
+    ("user/*.read", 400), ("patient/*.rs", 400), ("system/*.everything", 400), ("openid", 400),
+])
+def test_scopes_must_be_smart_system_scopes(auth_server, client, rsa_key, scope, status):
+    response = client.post(auth_server.token_url, data={
+        "grant_type": "client_credentials",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion(rsa_key, auth_server), "scope": scope})
+    assert response.status_code == status
+    if status == 400:
+        assert response.json()["error"] == "invalid_scope"
+
+
+def test_failing_types_are_listed_as_errors_not_output(client):
+    with BulkDataServer.from_synthetic(n_patients=4, seed=3, failing_types={"Condition", "MedicationRequest"}) as server:
+        manifest = export(client, server)
+        assert {o["type"] for o in manifest["output"]}.isdisjoint({"Condition", "MedicationRequest"})
+        (error,) = manifest["error"]
+        outcomes = ndjson(client.get(error["url"]))
+        assert sorted(o["issue"][0]["expression"][0] for o in outcomes) == ["Condition", "MedicationRequest"]
+        assert all("Failed to export" in o["issue"][0]["diagnostics"] for o in outcomes)
+
+
+def test_expired_export_files_answer_410(client):
+    with BulkDataServer.from_synthetic(n_patients=2, seed=3) as server:
+        server.faults.expire_exports = 1
+        expired = export(client, server)
+        assert_outcome(client.get(expired["output"][0]["url"]), 410)
+        fresh = export(client, server)
+        assert client.get(fresh["output"][0]["url"]).status_code == 200
+
+
+def test_rate_limit_answers_429_with_an_http_date_then_recovers(client):
+    from email.utils import parsedate_to_datetime
+
+    from bulk_data_server.server import RateLimit
+
+    with BulkDataServer.from_synthetic(n_patients=2, seed=3, rate_limit=RateLimit(3, 60, 1)) as server:
+        statuses = [kickoff(client, server).status_code for _ in range(5)]
+        assert statuses == [202, 202, 202, 429, 429]
+        limited = kickoff(client, server)
+        retry_at = parsedate_to_datetime(limited.headers["Retry-After"])  # an HTTP-date, not seconds
+        assert retry_at.tzinfo is not None and limited.headers["Retry-After"].endswith("GMT")
+        time.sleep(max(0.0, (retry_at - datetime.now(timezone.utc)).total_seconds()) + 0.05)
+        assert kickoff(client, server).status_code == 202

@@ -230,6 +230,9 @@ def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift
                 lambda n: [str_list(n->'given')[1] || ' ' || (n->>'family'),
                            array_to_string(str_list(n->'given'), ' ') || ' ' || (n->>'family'),
                            (n->>'family') || ', ' || str_list(n->'given')[1]]))""",
+        # ... and the name's text when it has more than one word (a contact is often text only)
+        r"""full_name_texts(j) AS list_filter(list_transform(json_list(j), lambda n: n->>'text'),
+                lambda t: t IS NOT NULL AND len(regexp_extract_all(t, '[\p{L}\p{N}]+')) >= 2)""",
         """address_parts(j) AS flatten(list_transform(json_list(j), lambda a: list_concat(str_list(a->'line'),
                 list_filter([a->>'city', a->>'district', a->>'postalCode', a->>'text'], lambda x: x IS NOT NULL))))""",
         """telecom_values(j) AS list_filter(list_transform(json_list(j), lambda t: t->>'value'), lambda x: x IS NOT NULL)""",
@@ -391,7 +394,7 @@ def deidentify(
             "did not come from the generator. Set DEID_SECRET_KEY to a long random secret.")
     reference_date = reference_date or age_reference_date(con, r)
     try:
-        return _deidentify(con, r, out_schema, reference_date)
+        return _deidentify(con, r, out_schema, reference_date, date_mode)
     except duckdb.Error as error:
         # DuckDB quotes offending values in its messages; they may be PHI. Keep only the shape.
         raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
@@ -401,7 +404,8 @@ def deidentify(
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, reference_date: date) -> DeidReport:
+def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, reference_date: date,
+                date_mode: DateMode = "shift") -> DeidReport:
     # Patient-level working table: stays in a TEMP table (PHI never written outside `raw`).
     con.execute(
         f"""
@@ -491,8 +495,11 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                 deid_date(fhir_date(e.resource->'period'->>'start'), p.shift_days) AS start_date,
                 deid_date(fhir_date(e.resource->'period'->>'end'), p.shift_days) AS end_date,
                 e.resource->>'status' AS status
-            FROM (SELECT *, coalesce(resource->'class'->>'code',
-                                     resource->'class'->0->'coding'->0->>'code') AS class_code FROM {r}.encounter) e
+            FROM (SELECT *, coalesce(resource->'class'->>'code',                     -- R4 Coding
+                                     resource->'class'->0->'coding'->0->>'code',     -- R5 CodeableConcept[]
+                                     CASE WHEN json_type(resource->'class') = 'VARCHAR'
+                                          THEN resource->>'class' END)               -- DSTU2 code string
+                          AS class_code FROM {r}.encounter) e
             JOIN deid_patient_src p ON p.patient_id = ref_id(e.resource->'subject'->>'reference')
             JOIN deid_encounter_keys k ON k.encounter_id = e.id""",
         "condition": f"""
@@ -610,6 +617,9 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         counts = pa.table({"category": list(removed), "removed": list(removed.values())})
         con.register("removal_counts", counts)
         con.execute(f"CREATE OR REPLACE TABLE {out_schema}.removal_counts AS SELECT * FROM removal_counts")
+        # how dates were generalized: features must not place a landmark inside a year whose
+        # events all carry 1 January (they would be "before" it though they happened after)
+        con.execute(f"CREATE OR REPLACE TABLE {out_schema}.settings AS SELECT ? AS date_mode", [date_mode])
         con.unregister("removal_counts")
     by_source = dict(con.execute(
         f"""SELECT coalesce(medication_source, 'none'), count(*) FROM {out_schema}.medication_request
@@ -725,7 +735,9 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
         "SELECT 'name' AS category, unnest(ids.name) AS value, owner_key FROM ids",
         f"SELECT 'address', unnest({local_address}), owner_key FROM ids",
         # unique strings: anywhere
-        f"SELECT 'name', unnest(list_concat(full_names(resource->'name'), full_names(to_json({contacts})))), NULL FROM ids",
+        f"""SELECT 'name', unnest(list_concat(full_names(resource->'name'), full_names(to_json({contacts})),
+                                           full_name_texts(resource->'name'), full_name_texts(to_json({contacts})))),
+                   NULL FROM ids""",
         "SELECT 'identifier', unnest(ids.identifier), NULL FROM ids",
         "SELECT 'telecom', unnest(ids.telecom), NULL FROM ids",
         f"SELECT 'address', unnest({unique_address}), NULL FROM ids",
@@ -735,7 +747,8 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
     ]
     for table in ("practitioner", "related_person"):
         if table in existing:
-            parts.append(f"SELECT 'name', unnest(full_names(resource->'name')), NULL FROM {raw_schema}.{table}")
+            parts.append(f"SELECT 'name', unnest(list_concat(full_names(resource->'name'), "
+                         f"full_name_texts(resource->'name'))), NULL FROM {raw_schema}.{table}")
             parts.append(f"SELECT 'telecom', unnest(telecom_values(resource->'telecom')), NULL FROM {raw_schema}.{table}")
     return f"""
     WITH ids AS (SELECT id, resource, pseudonym('Patient', id) AS owner_key,
@@ -746,6 +759,24 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
     FROM ({' UNION ALL '.join(parts)})
     WHERE value IS NOT NULL AND length(trim(value)) >= 3
     """
+
+
+def _check_key_reproduces_patient_keys(con: duckdb.DuckDBPyConnection, tables: list[str]) -> None:
+    """Scoped values are matched to rows by pseudonym: with another key than the one the tables
+    were made with, nothing would match and the scoped checks would pass silently. Refuse."""
+    for table in tables:
+        schema, name = table.split(".")
+        has_key = con.execute("SELECT count(*) FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? "
+                              "AND column_name = 'patient_key'", [schema, name]).fetchone()[0]
+        if not has_key:
+            continue
+        rows, matched = con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE patient_key IN (SELECT owner_key FROM leak_ids))
+                FROM (SELECT DISTINCT patient_key FROM {table} WHERE patient_key IS NOT NULL)""").fetchone()
+        if rows and not matched:
+            raise DeidentificationError(
+                f"leak scan: no patient_key of {table} is a pseudonym of a landed patient under this key; "
+                "the check needs the key the tables were de-identified with (DEID_SECRET_KEY)")
 
 
 def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key: bytes,
@@ -765,6 +796,7 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
     tags = "|".join(t.lower() for t in NOTE_TAGS)
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(con, raw_schema)}")
+        _check_key_reproduces_patient_keys(con, tables)
         for table in tables:
             schema, name = table.split(".")
             columns = dict(con.execute(

@@ -91,6 +91,13 @@ def _add_months(day: date, months: int) -> date:
     return date(total // 12, total % 12 + 1, 1)
 
 
+def _date_mode(con: duckdb.DuckDBPyConnection, schema: str) -> str:
+    """How de-identification generalized dates (``shift`` when it did not say)."""
+    exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'settings'",
+                         [schema]).fetchone()[0]
+    return con.execute(f"SELECT date_mode FROM {quote_ident(schema)}.settings").fetchone()[0] if exists else "shift"
+
+
 def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema: str = "deid") -> LandmarkPlan:
     """Landmark dates for ``spec``: pinned ones as given; else, on the first of a month, the
     latest landmark whose horizon the data still covers (data end - horizon), then every
@@ -99,6 +106,13 @@ def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema:
     # Data end: the median last encounter of the patients seen in the final two years. Not the
     # latest date: per-patient date shifting spreads the true end over +/- the shift range, and
     # a landmark placed from the latest shifted date would leave nearly everyone censored.
+    year_dates = _date_mode(con, schema) == "year"
+    if year_dates and (spec.landmark_interval_months % 12
+                       or any((d.month, d.day) != (1, 1) for d in spec.landmarks or ())):
+        # every date of a year sits on its 1 January: a landmark inside a year would see that
+        # whole year's events as "before" it
+        raise ValueError("the de-identified dates are generalized to the year (DEID_DATE_MODE=year): landmarks "
+                         "must fall on 1 January and landmark_interval_months be a multiple of 12")
     start, end = con.execute(f"""
         WITH last AS (SELECT max(start_date) AS last_seen FROM {quote_ident(schema)}.encounter GROUP BY patient_key)
         SELECT (SELECT min(start_date) FROM {quote_ident(schema)}.encounter),
@@ -109,7 +123,7 @@ def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema:
     if end is None:
         return LandmarkPlan((), start, end, derived=True)
     last = date.fromordinal(end.toordinal() - spec.horizon_days)
-    last = date(last.year, last.month, 1)
+    last = date(last.year, 1, 1) if year_dates else date(last.year, last.month, 1)
     earliest = start.toordinal() + spec.lookback_days
     landmarks = []
     for k in range(spec.max_landmarks):
@@ -165,7 +179,11 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
     htn AS (
         -- An undated hypertension diagnosis cannot be placed before or after a landmark: such
         -- patients are left out rather than guessed into either class.
-        SELECT patient_key, min(dated) AS htn_onset, bool_or(dated IS NULL) AS htn_undated FROM conditions
+        -- A diagnosis is known from the later of its onset and its recording: one back-dated
+        -- into the past but recorded after a landmark was not known there (the patient looked
+        -- undiagnosed, as they would to the deployed model), and counts when it was recorded.
+        SELECT patient_key, min(greatest(onset_date, recorded_date)) AS htn_onset,
+               bool_or(dated IS NULL) AS htn_undated FROM conditions
         WHERE {HYPERTENSION_CODE_SQL} GROUP BY patient_key
     ),
     last_seen AS (SELECT patient_key, max(start_date) AS last_encounter FROM {s}.encounter GROUP BY patient_key),

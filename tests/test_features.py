@@ -197,3 +197,32 @@ def test_rebuilding_the_matrix_gives_identical_bits(small_export):
     assert con.execute("SELECT count(*) FROM deid.observation").fetchone()[0] > 1_000_000
     hashes = {frame_hash(build_feature_matrix(con, FeatureSpec())) for _ in range(3)}
     assert len(hashes) == 1
+
+
+def test_year_generalized_dates_get_landmarks_on_1_january(small_export):
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY, date_mode="year")
+    plan = resolve_landmarks(con, FeatureSpec())
+    assert plan.landmarks and all((d.month, d.day) == (1, 1) for d in plan.landmarks)
+    frame = build_feature_matrix(con, FeatureSpec(), plan=plan)
+    assert frame.height > 0
+    with pytest.raises(ValueError, match="1 January"):
+        resolve_landmarks(con, FeatureSpec(landmark_interval_months=6))
+    with pytest.raises(ValueError, match="1 January"):
+        resolve_landmarks(con, FeatureSpec(landmarks=(date(2020, 7, 1),)))
+
+
+def test_a_diagnosis_back_dated_before_the_landmark_but_recorded_after_it_is_a_new_case(small_export):
+    con = fresh_deid(small_export)
+    spec = FeatureSpec()
+    plan = resolve_landmarks(con, spec)
+    landmark = plan.landmarks[-3]
+    before = build_feature_matrix(con, spec, plan=plan)
+    patient = before.filter((pl.col("landmark_date") == landmark) & (pl.col("label") == 0))["patient_key"][0]
+    con.execute("""INSERT INTO deid.condition (condition_key, patient_key, code_system, code, onset_date, recorded_date)
+                   VALUES ('late-entry', ?, 'http://snomed.info/sct', '59621000', ?, ?)""",
+                [patient, landmark - timedelta(days=200), landmark + timedelta(days=100)])
+    after = build_feature_matrix(con, spec, plan=plan)
+    row = after.filter((pl.col("patient_key") == patient) & (pl.col("landmark_date") == landmark))
+    assert row["label"].to_list() == [1]  # looked undiagnosed at the landmark; recorded within the horizon

@@ -80,10 +80,11 @@ def test_plain_word_encounter_classes_are_recognised(tmp_path):
 
     con = land(tmp_path, [patient("p1", "Arlo", "Quenby"), visit("e1", "emergency"), visit("e2", "inpatient"),
                           visit("e3", "ambulatory"), visit("e4", "EMER", "http://terminology.hl7.org/CodeSystem/v3-ActCode"),
-                          visit("e5", "daytime")])
+                          visit("e5", "daytime"), {**encounter("p1", "e6", "2019-01-01", "2019-01-02"), "class": "inpatient"}])
     deidentify(con, TEST_KEY, reference_date=REFERENCE)
     got = dict(con.execute("SELECT encounter_class_source, encounter_class FROM deid.encounter").fetchall())
     assert got == {"emergency": "EMER", "inpatient": "IMP", "ambulatory": "AMB", "EMER": "EMER", "daytime": "UNK"}
+    assert con.execute("SELECT count(*) FROM deid.encounter WHERE encounter_class = 'IMP'").fetchone()[0] == 2
 
 
 def test_leak_check_blocks_on_identifiers_only(tmp_path):
@@ -126,3 +127,26 @@ def test_a_table_without_patient_key_is_checked_for_unique_values(tmp_path):
     con.execute("CREATE SCHEMA ml; CREATE TABLE ml.notes AS SELECT 'Will do. harkness' AS t UNION ALL SELECT 'call 555-010-4477'")
     assert find_identifier_leaks(con, ["ml.notes"], TEST_KEY) == [
         {"table": "ml.notes", "column": "t", "category": "telecom", "hits": 1}]
+
+
+def test_a_name_written_only_as_text_is_a_full_name_everywhere(tmp_path):
+    texted = {"resourceType": "Patient", "id": "p-text", "name": [{"text": "Zebulon Quixote"}],
+              "contact": [{"name": {"text": "Marisol Quintanilla"}}]}
+    other = patient("p-other", "Hope", "Varga")
+    con = land(tmp_path, [texted, other, note("p-other", "d1", "Routine visit.")])
+    deidentify(con, TEST_KEY, reference_date=REFERENCE)
+    assert find_identifier_leaks(con, LEAK_TABLES, TEST_KEY) == []
+    for planted in ("Seen with Zebulon Quixote.", "Seen with Marisol Quintanilla."):
+        con.execute("UPDATE deid.document_reference SET note_text = ?", [planted])
+        assert [f["category"] for f in find_identifier_leaks(con, LEAK_TABLES, TEST_KEY)] == ["name"]
+
+
+def test_the_leak_check_refuses_a_key_that_does_not_match_the_tables(tmp_path):
+    import pytest
+
+    from clinical_ml.deid import DeidentificationError
+
+    con = land(tmp_path, [patient("p-will", "Will", "Harkness"), note("p-will", "d1", "Routine visit.")])
+    deidentify(con, TEST_KEY, reference_date=REFERENCE)
+    with pytest.raises(DeidentificationError, match="key the tables were de-identified with"):
+        find_identifier_leaks(con, LEAK_TABLES, b"another-key-0123456789abcdef")

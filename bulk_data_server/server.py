@@ -107,6 +107,8 @@ class ServerFaults:
     drop_mid_download: dict[str, int] = field(default_factory=dict)  # file name -> next N downloads cut short
     slow_seconds: float = 0.0  # sleep before every response
     expire_exports: int = 0  # the next N exports' files answer 410 Gone (expired on the server)
+    # A hostile or broken server: rewrites each manifest before it is served (tests only).
+    manifest_rewrite: Any = None  # Callable[[dict], dict] | None
 
 
 class ResourceStore:
@@ -412,6 +414,7 @@ class BulkDataServer:
         self.max_lines_per_file = max_lines_per_file
         self.faults = faults or ServerFaults()
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.authorization_headers: list[str] = []  # every Authorization header received, verbatim
         self.cancelled_jobs: set[str] = set()
 
         self._lock = threading.Lock()  # guards jobs, clients, tokens, used jtis, faults, requests
@@ -530,6 +533,9 @@ class BulkDataServer:
             self.requests.append((method, path, status))
 
     def _respond(self, request: _Request) -> _Response:
+        if request.headers.get("Authorization"):
+            with self._lock:
+                self.authorization_headers.append(request.headers["Authorization"])
         if self.faults.slow_seconds > 0:
             time.sleep(self.faults.slow_seconds)
         if not request.path.startswith(BASE_PATH + "/"):
@@ -835,7 +841,8 @@ class BulkDataServer:
         if polls <= self.polls_before_complete:
             progress = 100 * polls // (self.polls_before_complete + 1)
             return _Response(202, headers={"X-Progress": f"{progress}% complete", "Retry-After": self._retry_after()})
-        return _json(200, job.manifest)
+        rewrite = self.faults.manifest_rewrite
+        return _json(200, rewrite(orjson.loads(orjson.dumps(job.manifest))) if rewrite else job.manifest)
 
     def _cancel(self, request: _Request, job_id: str) -> _Response:
         if self.require_auth and (denied := self._token_error(request)) is not None:

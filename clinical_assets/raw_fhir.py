@@ -1,7 +1,8 @@
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext, MaterializeResult,
+                     MetadataValue, asset)
 
 from clinical_assets.metadata import counts_table
-from clinical_ml.ingest import land_ndjson
+from clinical_ml.ingest import export_completeness, land_ndjson
 from resources.fhir_source import FhirSource
 from resources.warehouse import DuckDBWarehouse
 
@@ -15,13 +16,18 @@ from resources.warehouse import DuckDBWarehouse
     "de-identification boundary). Malformed lines go to `raw.quarantine` with file, line and reason; "
     "an incremental export upserts and applies its deletions.",
     check_specs=[AssetCheckSpec("lines_reconcile", asset="raw_fhir",
-                                description="Every line read is either loaded or quarantined.")],
+                                description="Every line read is either loaded or quarantined."),
+                 AssetCheckSpec("export_complete", asset="raw_fhir", blocking=True,
+                                description="The server reported no export errors (OperationOutcomes in the "
+                                "manifest's error files), or no more than FHIR_MAX_EXPORT_ERRORS. Blocking: a "
+                                "partial export stops the graph before de-identification.")],
 )
 def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse: DuckDBWarehouse) -> MaterializeResult:
     context.log.info(f"Landing FHIR NDJSON from {fhir_source.describe()}")
     batch = fhir_source.fetch(log=context.log.info)
     with warehouse.connect() as con:
         report = land_ndjson(con, batch.directory, mode=batch.mode, validate=fhir_source.validation)
+        completeness = export_completeness(con, report.landing_id, fhir_source.max_export_errors)
     metadata = {
         "source": fhir_source.describe(),
         "mode": report.mode,
@@ -30,6 +36,7 @@ def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse:
         "quarantined": report.quarantined,
         "deleted": report.deleted,
         "server_errors": report.export_errors,
+        "server_errors_by_type": counts_table(completeness.errors_by_type, "resource type", "errors"),
         "resources_by_type": counts_table(report.loaded_by_type, "resource type", "rows"),
         "quarantine_reasons": counts_table(report.quarantined_by_reason, "reason", "lines"),
         "files": MetadataValue.json(report.files),
@@ -42,8 +49,16 @@ def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse:
             [{"type": f.resource_type, "kind": f.kind, "sha256": f.sha256, "bytes": f.bytes} for f in batch.export.files])
     return MaterializeResult(
         metadata=metadata,
-        check_results=[AssetCheckResult(
-            check_name="lines_reconcile", passed=report.reconciles,
-            metadata={"lines_read": report.lines_read, "loaded": report.loaded, "quarantined": report.quarantined},
-        )],
+        check_results=[
+            AssetCheckResult(
+                check_name="lines_reconcile", passed=report.reconciles,
+                metadata={"lines_read": report.lines_read, "loaded": report.loaded, "quarantined": report.quarantined},
+            ),
+            AssetCheckResult(
+                check_name="export_complete", passed=completeness.complete, severity=AssetCheckSeverity.ERROR,
+                description=completeness.describe(),
+                metadata={"server_errors": completeness.errors, "tolerance": completeness.tolerance,
+                          "errors_by_type": counts_table(completeness.errors_by_type, "resource type", "errors")},
+            ),
+        ],
     )

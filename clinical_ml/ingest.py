@@ -40,6 +40,14 @@ CORE_RESOURCE_TYPES = (
     "MedicationRequest",
     "DocumentReference",
 )
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
+# Resource types an error's free text may name (the ones a Bulk export of this platform asks for
+# and the common others); "Failed to export Condition resources" names Condition.
+_KNOWN_TYPES = frozenset(CORE_RESOURCE_TYPES) | {
+    "Medication", "Procedure", "Immunization", "AllergyIntolerance", "DiagnosticReport", "CarePlan", "Goal",
+    "Organization", "Practitioner", "PractitionerRole", "Location", "Device", "Claim", "ExplanationOfBenefit",
+    "ImagingStudy", "Group", "RelatedPerson", "Coverage", "ServiceRequest", "MedicationAdministration",
+    "MedicationStatement", "MedicationDispense", "Specimen", "Provenance", "CareTeam", "EpisodeOfCare"}
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a single resource larger than this is quarantined
 _CHUNK_BYTES = 64 * 1024 * 1024
 _RESOURCE_FILE = re.compile(r"^([A-Z][A-Za-z]+)(?:\.[^.]+)*?\.ndjson(?:\.gz)?$")
@@ -348,6 +356,54 @@ def _read_export_errors(ndjson_dir: Path) -> list[tuple[str, str]]:
         out += [(path.name, line.decode("utf-8", errors="replace"))
                 for line in path.read_bytes().splitlines() if line.strip()]
     return out
+
+
+@dataclass
+class ExportCompleteness:
+    """What the server said it could not export, for one landing."""
+
+    errors: int                       # OperationOutcome lines in the export's error files
+    errors_by_type: dict[str, int]    # resource type named by an issue ("unspecified" if none)
+    tolerance: int
+
+    @property
+    def complete(self) -> bool:
+        return self.errors <= self.tolerance
+
+    def describe(self) -> str:
+        if not self.errors:
+            return "the server reported no export errors"
+        named = ", ".join(f"{t} {n}" for t, n in sorted(self.errors_by_type.items()))
+        return (f"the server reported {self.errors} export error(s) ({named}); tolerance {self.tolerance}: "
+                f"{'accepted as partial data' if self.complete else 'the export is incomplete'}")
+
+
+def export_completeness(con: duckdb.DuckDBPyConnection, landing_id: str, tolerance: int = 0,
+                        schema: str = "raw") -> ExportCompleteness:
+    """Count a landing's server-reported errors per resource type: the type an issue names in
+    ``expression`` (``Condition`` or ``Condition.code``), else one named in its diagnostics."""
+    rows = con.execute(f"SELECT operation_outcome FROM {schema}.export_errors WHERE landing_id = ?",
+                       [landing_id]).fetchall() if con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'export_errors'",
+        [schema]).fetchone()[0] else []
+    by_type: dict[str, int] = {}
+    for (text,) in rows:
+        try:
+            outcome = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            outcome = {}
+        issues = outcome.get("issue") if isinstance(outcome, dict) else None
+        named = set()
+        for issue in issues if isinstance(issues, list) else []:
+            issue = issue if isinstance(issue, dict) else {}
+            expressions = issue.get("expression") if isinstance(issue.get("expression"), list) else []
+            named |= {e.split(".")[0] for e in expressions if isinstance(e, str) and _TYPE_NAME.fullmatch(e.split(".")[0])}
+            diagnostics = issue.get("diagnostics") if isinstance(issue.get("diagnostics"), str) else ""
+            named |= {t for t in re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b|\b[A-Z][a-z]{3,}\b", diagnostics)
+                      if t in _KNOWN_TYPES}
+        for rtype in sorted(named) or ["unspecified"]:
+            by_type[rtype] = by_type.get(rtype, 0) + 1
+    return ExportCompleteness(errors=len(rows), errors_by_type=by_type, tolerance=tolerance)
 
 
 def land_ndjson(

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from clinical_ml.bulk_client import BulkDataClient, ExportRequest, ExportResult, SmartBackendAuth
+from clinical_ml.bulk_client import BulkDataClient, ExportRequest, ExportResult, SmartBackendAuth, smart_scope
 from clinical_ml.synthetic import CohortSpec, write_bulk_export
 from resources.settings import data_home
 
@@ -46,6 +46,28 @@ class FhirSource(ConfigurableResource):
                                      description="Environment variable with the PEM, or the path of a PEM file.")
     token_url: Optional[str] = Field(default_factory=lambda: _env("FHIR_TOKEN_URL"),
                                      description="Else discovered from .well-known/smart-configuration.")
+    key_id: Optional[str] = Field(default_factory=lambda: _env("FHIR_KEY_ID"),
+                                  description="kid of the client's key as registered; default: its RFC 7638 thumbprint.")
+    jku: Optional[str] = Field(default_factory=lambda: _env("FHIR_JKU"),
+                               description="URL of the client's JWKS, sent as jku in the assertion header (optional).")
+    scope: Optional[str] = Field(default_factory=lambda: _env("FHIR_SCOPE"),
+                                 description="Token scope; default: SMART system scopes for the exported types.")
+    scope_version: str = Field(default_factory=lambda: os.environ.get("FHIR_SCOPE_VERSION", "v2"),
+                               description="v2 (system/<Type>.rs) or v1 (system/<Type>.read) for the default scope.")
+    token_origins: Optional[str] = Field(
+        default_factory=lambda: _env("FHIR_TOKEN_ORIGINS"),
+        description="Comma-separated origins, besides the FHIR server's own, allowed to receive the access token "
+        "with file downloads (e.g. a storage host the EHR serves files from).")
+    min_poll_seconds: float = Field(default_factory=lambda: float(os.environ.get("FHIR_MIN_POLL_SECONDS", "2")),
+                                    description="Never poll the export status faster than this.")
+    max_file_bytes: int = Field(default_factory=lambda: _env_int("FHIR_MAX_FILE_BYTES", 50 * 1024**3),
+                                description="Ceiling on one downloaded file (decompressed).")
+    file_timeout_seconds: float = Field(default_factory=lambda: float(os.environ.get("FHIR_FILE_TIMEOUT_SECONDS", "7200")),
+                                        description="Time limit for one file download.")
+    max_export_errors: int = Field(
+        default_factory=lambda: _env_int("FHIR_MAX_EXPORT_ERRORS", 0),
+        description="Server-reported export errors accepted before the blocking completeness check fails "
+        "(0: any error stops the pipeline; raise it only where partial data is acceptable).")
     export_types: Optional[str] = Field(default_factory=lambda: _env("FHIR_EXPORT_TYPES"),
                                         description="Comma-separated resource types (_type).")
     export_level: str = Field(default_factory=lambda: os.environ.get("FHIR_EXPORT_LEVEL", "system"),
@@ -79,8 +101,15 @@ class FhirSource(ConfigurableResource):
             if not private_key:
                 raise ValueError(f"FHIR_CLIENT_ID is set but {self.private_key_env_var} is empty: set it to the PEM "
                                  "private key registered with the server, or to the path of its file.")
-            auth = SmartBackendAuth.from_setting(self.client_id, private_key, token_url=self.token_url)
-        return BulkDataClient(self.base_url, auth, log=log)
+            auth = SmartBackendAuth.from_setting(self.client_id, private_key, token_url=self.token_url,
+                                                 scope=self.smart_scope(), key_id=self.key_id, jku=self.jku)
+        origins = tuple(o.strip() for o in (self.token_origins or "").split(",") if o.strip())
+        return BulkDataClient(self.base_url, auth, log=log, min_poll_interval_s=self.min_poll_seconds,
+                              max_file_bytes=self.max_file_bytes, file_timeout_s=self.file_timeout_seconds,
+                              token_origins=origins)
+
+    def smart_scope(self) -> str:
+        return self.scope or smart_scope(self.export_request().types, self.scope_version)
 
     def export_request(self) -> ExportRequest:
         level, _, group = self.export_level.partition(":")

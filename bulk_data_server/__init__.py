@@ -6,6 +6,6 @@
         ...  # export from server.base_url; set server.faults.* to inject failures
 """
 
-from bulk_data_server.server import BulkDataServer, ResourceStore, ServerFaults
+from bulk_data_server.server import BulkDataServer, RateLimit, ResourceStore, ServerFaults
 
-__all__ = ["BulkDataServer", "ResourceStore", "ServerFaults"]
+__all__ = ["BulkDataServer", "RateLimit", "ResourceStore", "ServerFaults"]

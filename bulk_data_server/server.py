@@ -59,7 +59,7 @@ UNKNOWN_GROUP_ID = "unknown"  # the one Group id that answers 404, to exercise t
 
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]+")
 # SMART scopes: v1 "system/Patient.read" (or .write, .*), v2 "system/Patient.rs" (cruds subsets).
-_SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)")
+_SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|(?=[cruds])c?r?u?d?s?)")
 # "<ResourceType>.<anything>.ndjson" (or "<ResourceType>.ndjson"); "log.ndjson" does not match.
 _RESOURCE_FILE = re.compile(r"([A-Z][A-Za-z]+)(?:\..+)?\.ndjson")
 
@@ -107,8 +107,13 @@ class ServerFaults:
     drop_mid_download: dict[str, int] = field(default_factory=dict)  # file name -> next N downloads cut short
     slow_seconds: float = 0.0  # sleep before every response
     expire_exports: int = 0  # the next N exports' files answer 410 Gone (expired on the server)
-    # A hostile or broken server: rewrites each manifest before it is served (tests only).
+    trickle_seconds: dict[str, float] = field(default_factory=dict)  # file name -> pause between 16-byte pieces
+    # A hostile or broken server (tests only): rewrites each manifest before it is served; puts
+    # the status URL, the advertised token endpoint or a token redirect on another origin.
     manifest_rewrite: Any = None  # Callable[[dict], dict] | None
+    status_url_base: str | None = None  # Content-Location = <this>/status/<job>
+    advertised_token_endpoint: str | None = None  # in .well-known/smart-configuration
+    token_redirect: str | None = None  # POST /token answers 307 to this URL
 
 
 class ResourceStore:
@@ -202,6 +207,7 @@ class _Response:
     content_type: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     drop_after: int | None = None  # send only this many body bytes, then close the connection
+    trickle: float | None = None  # send the body 16 bytes at a time, pausing this long between pieces
 
 
 @dataclass
@@ -359,6 +365,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
+        if response.trickle is not None:
+            for start in range(0, len(response.body), 16):  # a server that stalls but never stops
+                self.wfile.write(response.body[start:start + 16])
+                self.wfile.flush()
+                time.sleep(response.trickle)
+            return
         if response.drop_after is None:
             self.wfile.write(response.body)
             return
@@ -619,7 +631,7 @@ class BulkDataServer:
 
     def _smart_configuration(self) -> _Response:
         return _json(200, {
-            "token_endpoint": self.token_url,
+            "token_endpoint": self.faults.advertised_token_endpoint or self.token_url,
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": SIGNING_ALGORITHMS,
@@ -664,6 +676,8 @@ class BulkDataServer:
         }, FHIR_JSON)
 
     def _issue_token(self, request: _Request) -> _Response:
+        if self.faults.token_redirect:
+            return _Response(307, headers={"Location": self.faults.token_redirect})
         form = {k: v[0] for k, v in parse_qs(request.body.decode("utf-8", "replace")).items()}
         if form.get("grant_type") != "client_credentials":
             return _oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
@@ -764,7 +778,8 @@ class BulkDataServer:
         job.expired = self._take_fault("expire_exports")
         with self._lock:
             self._jobs[job_id] = job
-        return _Response(202, headers={"Content-Location": f"{self.base_url}/status/{job_id}"})
+        status_base = self.faults.status_url_base or self.base_url
+        return _Response(202, headers={"Content-Location": f"{status_base}/status/{job_id}"})
 
     def _build_job(
         self,
@@ -870,4 +885,5 @@ class BulkDataServer:
             body = gzip_compress(body, compresslevel=5, mtime=0)
             headers["Content-Encoding"] = "gzip"
         drop_after = len(body) // 2 if self._take_file_fault("drop_mid_download", name) else None
-        return _Response(200, body, FHIR_NDJSON, headers, drop_after)
+        trickle = self.faults.trickle_seconds.get(name)
+        return _Response(200, body, FHIR_NDJSON, headers, drop_after, trickle)

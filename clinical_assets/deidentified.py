@@ -4,6 +4,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetExecutionContext
 from clinical_assets.metadata import counts_table, markdown_table
 from clinical_assets.raw_fhir import raw_fhir
 from clinical_ml.deid import DEID_TABLES, deidentify, find_identifier_leaks
+from clinical_ml.ingest import refuse_incomplete_export
 from resources.deid_key import DeidKey
 from resources.warehouse import DuckDBWarehouse
 
@@ -25,6 +26,7 @@ def deidentified_fhir(context: AssetExecutionContext, warehouse: DuckDBWarehouse
     if deid_key.is_demo_key():
         context.log.warning("Using the published demo de-identification key: synthetic data only.")
     with warehouse.connect() as con:
+        refuse_incomplete_export(con)
         report = deidentify(con, key, max_shift_days=deid_key.date_shift_max_days, date_mode=deid_key.date_mode,
                             reference_date=deid_key.reference_date(), synthetic_only=deid_key.is_demo_key())
     return MaterializeResult(metadata={

@@ -2,7 +2,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
                      MetadataValue, asset)
 
 from clinical_assets.metadata import counts_table
-from clinical_ml.ingest import export_completeness, land_ndjson
+from clinical_ml.ingest import export_completeness, land_ndjson, record_completeness
 from resources.fhir_source import FhirSource
 from resources.warehouse import DuckDBWarehouse
 
@@ -28,6 +28,7 @@ def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse:
     with warehouse.connect() as con:
         report = land_ndjson(con, batch.directory, mode=batch.mode, validate=fhir_source.validation)
         completeness = export_completeness(con, report.landing_id, fhir_source.max_export_errors)
+        record_completeness(con, completeness, report.landing_id)
     metadata = {
         "source": fhir_source.describe(),
         "mode": report.mode,
@@ -43,7 +44,8 @@ def raw_fhir(context: AssetExecutionContext, fhir_source: FhirSource, warehouse:
         "skipped_files": MetadataValue.json(report.skipped_files),
     }
     if batch.export is not None:
-        fhir_source.record_landed_export(batch.export)
+        if completeness.complete:  # an incomplete export must not move the _since watermark
+            fhir_source.record_landed_export(batch.export)
         metadata["export_transaction_time"] = batch.export.transaction_time
         metadata["export_files"] = MetadataValue.json(
             [{"type": f.resource_type, "kind": f.kind, "sha256": f.sha256, "bytes": f.bytes} for f in batch.export.files])

@@ -33,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -97,10 +97,10 @@ def load_private_key(private_key: str | bytes):
 
 def jwks_document(private_key, key_id: str | None = None) -> dict:
     """The JWKS to register with an EHR for this private key: public members, ``kid``
-    (default: the thumbprint), ``alg``, ``use: sig``, ``key_ops: [verify]``."""
+    (default: the thumbprint), ``alg``, ``use: sig``."""
     jwk = public_jwk(private_key)
     alg = "RS384" if jwk["kty"] == "RSA" else "ES384"
-    return {"keys": [{**jwk, "kid": key_id or jwk_thumbprint(jwk), "alg": alg, "use": "sig", "key_ops": ["verify"]}]}
+    return {"keys": [{**jwk, "kid": key_id or jwk_thumbprint(jwk), "alg": alg, "use": "sig"}]}
 
 
 class BulkDataError(RuntimeError):
@@ -223,7 +223,7 @@ class SmartBackendAuth:
                     "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                     "client_assertion": self.assertion(),
                     "scope": self.scope,
-                }, headers={"Accept": "application/json"})
+                }, headers={"Accept": "application/json"}, follow_redirects=False)
             except httpx.TransportError as err:
                 if attempt == self.token_retries:
                     raise BulkDataError(f"token endpoint unreachable: {type(err).__name__}") from None
@@ -231,6 +231,12 @@ class SmartBackendAuth:
                 continue
             if response.status_code == 200:
                 return response
+            if response.is_redirect:
+                # a 307/308 would re-send the assertion (a bearer credential for minutes) to
+                # wherever the Location points: never follow it
+                raise BulkDataError(f"token endpoint answered a redirect ({response.status_code}); not following it "
+                                    "with the client assertion: set FHIR_TOKEN_URL to the real endpoint",
+                                    response.status_code)
             if response.status_code in RETRYABLE_STATUS and attempt < self.token_retries:
                 delay = parse_retry_after(response.headers.get("Retry-After"))
                 self.sleep(min(2.0 ** attempt, 30.0) if delay is None else delay)
@@ -255,7 +261,12 @@ class SmartBackendAuth:
         if response.status_code != 200:
             raise BulkDataError(f"SMART configuration discovery failed ({response.status_code}): "
                                 f"{operation_outcome_text(response)}", response.status_code)
-        self.token_url = response.json()["token_endpoint"]
+        token_url = response.json().get("token_endpoint")
+        if not isinstance(token_url, str) or not (urlsplit(token_url).scheme == "https"
+                                                  or _origin(token_url) == _origin(base_url)):
+            raise BulkDataError("the SMART configuration names a token endpoint that is neither https nor on the FHIR "
+                                f"server's origin ({_safe_url(str(token_url))}): set FHIR_TOKEN_URL if it is right")
+        self.token_url = token_url
 
     def assertion(self) -> str:
         now = int(time.time())
@@ -375,6 +386,7 @@ class BulkDataClient:
         using up retries: a rate limit is a pace to keep, not a failure."""
         refreshed = False
         attempt = -1
+        throttled, throttled_wait = 0, 0.0
         while attempt < self.max_retries:
             attempt += 1
             try:
@@ -382,7 +394,8 @@ class BulkDataClient:
                                              headers=self._headers(headers, with_auth))
             except httpx.TransportError as err:
                 if attempt == self.max_retries:
-                    raise BulkDataError(f"{method} {url}: connection failed after {attempt + 1} attempts: {err}") from err
+                    raise BulkDataError(f"{method} {_safe_url(url)}: connection failed after {attempt + 1} attempts: "
+                                        f"{type(err).__name__}") from None
                 self._wait_before_retry(attempt, None, f"{method} {url}: {type(err).__name__}")
                 continue
             if response.status_code in accept_status:
@@ -392,14 +405,25 @@ class BulkDataClient:
                 self.auth.token(self.http, force_refresh=True)
                 attempt -= 1  # the refresh does not use up a retry
                 continue
-            if response.status_code == 429 and throttled_until is not None and time.monotonic() < throttled_until:
-                self._wait_before_retry(min(attempt, 3), response, f"{method} {url}: rate limited (HTTP 429)")
-                attempt -= 1  # waiting out a rate limit does not use up a retry
+            if response.status_code == 429 and throttled_until is not None:
+                # A rate limit is a pace to keep: wait (Retry-After, else a growing backoff, never
+                # below the poll floor) without using up retries, until the run's time budget is spent.
+                delay = parse_retry_after(response.headers.get("Retry-After"), minimum=self.retry_after_bounds[0],
+                                          maximum=self.retry_after_bounds[1])
+                delay = max(self.min_poll_interval_s, self._backoff(min(throttled, 8)) if delay is None else delay)
+                remaining = throttled_until - time.monotonic()
+                if remaining <= 0 or throttled_wait + delay > self.overall_timeout_s:
+                    raise BulkDataError(f"{method} {_safe_url(url)}: still rate limited (HTTP 429) after waiting "
+                                        f"{throttled_wait:.0f}s", 429)
+                throttled, throttled_wait = throttled + 1, throttled_wait + min(delay, remaining)
+                self.log(f"{method} {_safe_url(url)}: rate limited (HTTP 429); waiting {min(delay, remaining):.1f}s")
+                self.sleep(min(delay, remaining))
+                attempt -= 1
                 continue
             if response.status_code in RETRYABLE_STATUS and attempt < self.max_retries:
                 self._wait_before_retry(attempt, response, f"{method} {url}: HTTP {response.status_code}")
                 continue
-            raise BulkDataError(f"{method} {url} failed with HTTP {response.status_code}: "
+            raise BulkDataError(f"{method} {_safe_url(url)} failed with HTTP {response.status_code}: "
                                 f"{operation_outcome_text(response)}", response.status_code)
         raise BulkDataError(f"{method} {url}: no attempts left")  # only reachable with max_retries < 0
 
@@ -411,6 +435,10 @@ class BulkDataClient:
         status_url = response.headers.get("Content-Location")
         if not status_url:
             raise BulkDataError("kick-off accepted without a Content-Location status URL", 202)
+        if _origin(status_url) not in self.token_origins:
+            # polling and cancelling carry the access token: only to the server's own origin
+            raise BulkDataError(f"kick-off answered a status URL on another origin ({_origin(status_url)}): not "
+                                "sending the access token there (allow it with FHIR_TOKEN_ORIGINS if it is yours)", 202)
         self.log(f"export started: {export.path()} {export.params()}")
         return status_url
 
@@ -446,6 +474,8 @@ class BulkDataClient:
         if record and target.exists() and _sha256_file(target) == record["sha256"]:
             return DownloadedFile(kind, rtype, url, str(target), record["sha256"], target.stat().st_size, True)
         partial = target.with_name(target.name + ".part")
+        started = time.monotonic()  # the time limit covers every attempt at this file
+        shown = _safe_url(url)  # pre-signed file URLs carry their credential in the query
         for attempt in range(self.max_retries + 1):
             digest, size = hashlib.sha256(), 0
             try:
@@ -460,17 +490,18 @@ class BulkDataClient:
                             self._wait_before_retry(attempt, response, f"download {target.name}: HTTP {response.status_code}")
                             continue
                         response.read()
-                        raise BulkDataError(f"download of {url} failed with HTTP {response.status_code}: "
+                        raise BulkDataError(f"download of {shown} failed with HTTP {response.status_code}: "
                                             f"{operation_outcome_text(response)}", response.status_code)
-                    started = time.monotonic()
                     with open(partial, "wb") as handle:
-                        for chunk in response.iter_bytes(1 << 20):  # decompressed, streamed
+                        # decompressed, streamed as it arrives (no fixed chunk size: a trickling
+                        # server must not hide behind a buffer while the time limit runs out)
+                        for chunk in response.iter_bytes():
                             size += len(chunk)
                             if size > self.max_file_bytes:
-                                raise _FileLimit(f"download of {url} stopped: larger than {self.max_file_bytes} bytes "
-                                                 "(max_file_bytes)")
+                                raise _FileLimit(f"download of {shown} stopped: larger than {self.max_file_bytes} "
+                                                 "bytes (max_file_bytes)")
                             if time.monotonic() - started > self.file_timeout_s:
-                                raise _FileLimit(f"download of {url} stopped: not complete within "
+                                raise _FileLimit(f"download of {shown} stopped: not complete within "
                                                  f"{self.file_timeout_s:.0f}s (file_timeout_s)")
                             handle.write(chunk)
                             digest.update(chunk)
@@ -479,7 +510,8 @@ class BulkDataClient:
                 raise BulkDataError(str(err)) from None
             except httpx.TransportError as err:  # dropped connection, incomplete body, timeout
                 if attempt == self.max_retries:
-                    raise BulkDataError(f"download of {url} failed after {attempt + 1} attempts: {err}") from err
+                    raise BulkDataError(f"download of {shown} failed after {attempt + 1} attempts: "
+                                        f"{type(err).__name__}") from None
                 self._wait_before_retry(attempt, None, f"download {target.name}: {type(err).__name__}")
                 continue
             partial.replace(target)
@@ -576,8 +608,15 @@ class BulkDataClient:
                 _write_json(state_path, state)
             return done
 
-        with ThreadPoolExecutor(max_workers=self.max_parallel_downloads) as pool:
-            files = list(pool.map(run, jobs))
+        pool = ThreadPoolExecutor(max_workers=self.max_parallel_downloads)
+        try:
+            futures = [pool.submit(run, job) for job in jobs]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            files = [future.result() for future in futures]  # raises the first fatal error
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # and the queued downloads never start
+            raise
+        pool.shutdown(wait=True)
         self.log(f"downloaded {sum(not f.skipped_as_complete for f in files)} files, "
                  f"{sum(f.skipped_as_complete for f in files)} already complete")
         return ExportResult(directory=directory, transaction_time=manifest.get("transactionTime", ""),
@@ -586,6 +625,13 @@ class BulkDataClient:
 
 class _FileLimit(Exception):
     """A download went over its size ceiling or time limit (not retried)."""
+
+
+def _safe_url(url: str) -> str:
+    """A URL for messages and logs: no query, fragment or user info (pre-signed URLs carry a
+    credential there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 def _origin(url: str) -> str:

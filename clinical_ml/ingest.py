@@ -362,9 +362,10 @@ def _read_export_errors(ndjson_dir: Path) -> list[tuple[str, str]]:
 class ExportCompleteness:
     """What the server said it could not export, for one landing."""
 
-    errors: int                       # OperationOutcome lines in the export's error files
+    errors: int                       # OperationOutcomes in the error files with an error or fatal issue
     errors_by_type: dict[str, int]    # resource type named by an issue ("unspecified" if none)
     tolerance: int
+    outcomes: int = 0                 # all OperationOutcomes, warnings and information included
 
     @property
     def complete(self) -> bool:
@@ -378,6 +379,31 @@ class ExportCompleteness:
                 f"{'accepted as partial data' if self.complete else 'the export is incomplete'}")
 
 
+def record_completeness(con: duckdb.DuckDBPyConnection, completeness: "ExportCompleteness", landing_id: str,
+                        schema: str = "raw") -> None:
+    """Keep the verdict on the latest landing beside the raw tables: de-identification refuses
+    to read an incomplete export in any later run too (a blocking check only blocks its own run)."""
+    con.execute(f"""CREATE OR REPLACE TABLE {schema}.export_completeness AS
+                    SELECT ? AS landing_id, current_timestamp AS checked_at, ? AS errors, ? AS tolerance,
+                           ? AS complete, ? AS summary""",
+                [landing_id, completeness.errors, completeness.tolerance, completeness.complete,
+                 completeness.describe()])
+
+
+class IncompleteExportError(RuntimeError):
+    """The landed export is missing what the server could not export."""
+
+
+def refuse_incomplete_export(con: duckdb.DuckDBPyConnection, schema: str = "raw") -> None:
+    """Raise if the latest landing was judged an incomplete export (see record_completeness)."""
+    exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = "
+                         "'export_completeness'", [schema]).fetchone()[0]
+    row = con.execute(f"SELECT complete, summary FROM {schema}.export_completeness").fetchone() if exists else None
+    if row is not None and not row[0]:
+        raise IncompleteExportError(f"the landed export is incomplete: {row[1]}. Land a complete export, or accept "
+                                    "partial data with FHIR_MAX_EXPORT_ERRORS.")
+
+
 def export_completeness(con: duckdb.DuckDBPyConnection, landing_id: str, tolerance: int = 0,
                         schema: str = "raw") -> ExportCompleteness:
     """Count a landing's server-reported errors per resource type: the type an issue names in
@@ -387,15 +413,20 @@ def export_completeness(con: duckdb.DuckDBPyConnection, landing_id: str, toleran
         "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'export_errors'",
         [schema]).fetchone()[0] else []
     by_type: dict[str, int] = {}
+    errors = 0
     for (text,) in rows:
         try:
             outcome = orjson.loads(text)
         except orjson.JSONDecodeError:
             outcome = {}
         issues = outcome.get("issue") if isinstance(outcome, dict) else None
+        issues = [i if isinstance(i, dict) else {} for i in issues] if isinstance(issues, list) else []
+        # an outcome of warnings or information only (lenient handling notes) is no failure
+        if issues and all(i.get("severity") in ("warning", "information") for i in issues):
+            continue
+        errors += 1
         named = set()
-        for issue in issues if isinstance(issues, list) else []:
-            issue = issue if isinstance(issue, dict) else {}
+        for issue in issues:
             expressions = issue.get("expression") if isinstance(issue.get("expression"), list) else []
             named |= {e.split(".")[0] for e in expressions if isinstance(e, str) and _TYPE_NAME.fullmatch(e.split(".")[0])}
             diagnostics = issue.get("diagnostics") if isinstance(issue.get("diagnostics"), str) else ""
@@ -403,7 +434,7 @@ def export_completeness(con: duckdb.DuckDBPyConnection, landing_id: str, toleran
                       if t in _KNOWN_TYPES}
         for rtype in sorted(named) or ["unspecified"]:
             by_type[rtype] = by_type.get(rtype, 0) + 1
-    return ExportCompleteness(errors=len(rows), errors_by_type=by_type, tolerance=tolerance)
+    return ExportCompleteness(errors=errors, errors_by_type=by_type, tolerance=tolerance, outcomes=len(rows))
 
 
 def land_ndjson(

@@ -85,8 +85,9 @@ def run_graph(tmp_path: Path, server: BulkDataServer, **source_settings):
     warehouse = DuckDBWarehouse(path=str(tmp_path / "warehouse.duckdb"))
     resources = {
         "warehouse": warehouse,
-        "fhir_source": FhirSource(base_url=server.base_url, client_id=None, ndjson_dir=None, incremental=False,
-                                  export_root=str(tmp_path / "exports"), min_poll_seconds=0.0, **source_settings),
+        "fhir_source": FhirSource(**{"base_url": server.base_url, "client_id": None, "ndjson_dir": None,
+                                     "incremental": False, "export_root": str(tmp_path / "exports"),
+                                     "min_poll_seconds": 0.0, **source_settings}),
         "deid_key": DeidKey(key_env_var="STRICT_TEST_KEY"),
         "mlflow": MLflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "a")),
         "audit_store": AuditStore(warehouse=warehouse),
@@ -105,6 +106,8 @@ def test_a_partial_export_fails_the_blocking_check_and_stops_the_graph(tmp_path)
         result = run_graph(tmp_path, server)
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {"raw_fhir"}  # de-identification never ran on the partial data
+    started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert "deidentified_fhir" not in started  # skipped because the check blocked, not failed on its own
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["export_complete"]
     assert not check.passed and check.severity.value == "ERROR"
     assert "Condition 1, MedicationRequest 1" in check.description
@@ -229,3 +232,129 @@ def test_completeness_counts_errors_per_type(tmp_path):
     completeness = export_completeness(con, report.landing_id, tolerance=0)
     assert completeness.errors == 2 and completeness.errors_by_type == {"Encounter": 1, "unspecified": 1}
     assert not completeness.complete and export_completeness(con, report.landing_id, tolerance=2).complete
+
+
+# -- what the review of this change found ------------------------------------------------------
+
+
+def test_the_clients_assertion_header_names_its_key():
+    import jwt
+
+    from clinical_ml.bulk_client import jwk_thumbprint, public_jwk
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    auth = SmartBackendAuth("platform", pem(key), token_url="https://ehr.example/token")
+    header = jwt.get_unverified_header(auth.assertion())
+    assert header == {"alg": "ES384", "typ": "JWT", "kid": jwk_thumbprint(public_jwk(key))}
+    with_jku = SmartBackendAuth("platform", pem(key), token_url="https://ehr.example/token", key_id="k1",
+                                jku="https://platform.example/jwks.json")
+    assert jwt.get_unverified_header(with_jku.assertion())["kid"] == "k1"
+    assert jwt.get_unverified_header(with_jku.assertion())["jku"] == "https://platform.example/jwks.json"
+
+
+def test_a_status_url_on_another_origin_never_gets_the_token(tmp_path):
+    key = ec.generate_private_key(ec.SECP384R1())
+    with BulkDataServer.from_synthetic(n_patients=2, seed=4) as foreign, \
+            BulkDataServer.from_synthetic(n_patients=2, seed=4, require_auth=True) as server:
+        server.register_client("platform", jwks=jwks_document(key))
+        server.faults.status_url_base = foreign.base_url
+        with BulkDataClient(server.base_url, SmartBackendAuth("platform", pem(key)), sleep=Sleeps()) as client:
+            with pytest.raises(BulkDataError, match="status URL on another origin"):
+                client.export(ExportRequest(), tmp_path)
+        assert foreign.requests == [] and foreign.authorization_headers == []
+
+
+def test_the_token_endpoint_is_never_followed_through_a_redirect(tmp_path):
+    key = ec.generate_private_key(ec.SECP384R1())
+    with BulkDataServer.from_synthetic(n_patients=2, seed=4) as elsewhere, \
+            BulkDataServer.from_synthetic(n_patients=2, seed=4, require_auth=True) as server:
+        server.register_client("platform", jwks=jwks_document(key))
+        server.faults.token_redirect = elsewhere.base_url + "/token"
+        with BulkDataClient(server.base_url, SmartBackendAuth("platform", pem(key)), sleep=Sleeps()) as client:
+            with pytest.raises(BulkDataError, match="not following it with the client assertion"):
+                client.export(ExportRequest(), tmp_path)
+        assert elsewhere.requests == []  # the assertion went nowhere else
+
+
+def test_a_discovered_token_endpoint_on_a_foreign_http_origin_is_refused(tmp_path):
+    key = ec.generate_private_key(ec.SECP384R1())
+    with BulkDataServer.from_synthetic(n_patients=2, seed=4) as elsewhere, \
+            BulkDataServer.from_synthetic(n_patients=2, seed=4, require_auth=True) as server:
+        server.register_client("platform", jwks=jwks_document(key))
+        server.faults.advertised_token_endpoint = elsewhere.base_url + "/token"
+        with BulkDataClient(server.base_url, SmartBackendAuth("platform", pem(key)), sleep=Sleeps()) as client:
+            with pytest.raises(BulkDataError, match="neither https nor on the FHIR server's origin"):
+                client.export(ExportRequest(), tmp_path)
+        assert elsewhere.requests == []
+
+
+def test_a_trickling_download_hits_the_time_limit(tmp_path):
+    with BulkDataServer.from_synthetic(n_patients=3, seed=4, gzip=False) as server:
+        server.faults.trickle_seconds = {"Patient.000.ndjson": 0.05}
+        started = time.monotonic()
+        with BulkDataClient(server.base_url, sleep=Sleeps(), file_timeout_s=0.5) as client:
+            with pytest.raises(BulkDataError, match="not complete within"):
+                client.export(ExportRequest(types=("Patient",)), tmp_path)
+        assert time.monotonic() - started < 5  # not the minutes the whole file would take
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_429_storm_without_retry_after_backs_off_and_gives_up_within_the_budget(tmp_path):
+    with BulkDataServer.from_synthetic(n_patients=2, seed=4) as server:
+        server.faults.status_429 = 10_000
+        server.faults.retry_after = ""  # no usable Retry-After: the client paces itself
+        sleeps = Sleeps()
+        with BulkDataClient(server.base_url, sleep=sleeps, min_poll_interval_s=1.0, overall_timeout_s=60,
+                            backoff_base_s=1.0, backoff_max_s=30.0) as client:
+            with pytest.raises(BulkDataError, match="still rate limited"):
+                client.export(ExportRequest(), tmp_path)
+    assert min(sleeps) >= 1.0 and sum(sleeps) <= 60  # never below the floor, never past the budget
+    assert len(sleeps) < 60
+
+
+def test_retry_after_as_an_http_date_is_what_paces_a_rate_limit(tmp_path, clean):
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        time.sleep(min(seconds, 3))
+
+    with BulkDataServer.from_synthetic(n_patients=20, seed=4, polls_before_complete=4,
+                                       rate_limit=RateLimit(requests=3, window_seconds=60, penalty_seconds=2)) as server:
+        server.faults.retry_after = "0"  # in-progress polls ask for no wait: only the 429's date does
+        # its own backoff stays under 0.2 s: a wait of a second or more can only come from the date
+        with BulkDataClient(server.base_url, sleep=sleep, min_poll_interval_s=0.01, max_retries=0,
+                            backoff_max_s=0.2, retry_after_bounds=(0.0, 300.0)) as client:
+            client.export(ExportRequest(), tmp_path)
+    assert [w for w in waits if w >= 1.0], "the HTTP-date Retry-After of the 429 was not honoured"
+    assert landed_fingerprint(tmp_path) == clean
+
+
+def test_an_incomplete_export_moves_no_watermark_and_is_refused_later(tmp_path):
+    with BulkDataServer.from_synthetic(n_patients=10, seed=4, failing_types={"Condition"}) as server:
+        result = run_graph(tmp_path, server, incremental=True)
+    assert not {e.check_name: e.passed for e in result.get_asset_check_evaluations()}["export_complete"]
+    assert not (tmp_path / "exports" / "bulk" / "last_transaction_time.json").exists()
+    # a later run of de-identification alone refuses the incomplete landing too
+    from clinical_ml.ingest import IncompleteExportError, refuse_incomplete_export
+
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
+    with pytest.raises(IncompleteExportError, match="Condition 1"):
+        refuse_incomplete_export(con)
+
+
+def test_warnings_in_the_error_files_are_kept_but_do_not_fail_the_export(tmp_path):
+    import orjson
+
+    (tmp_path / "error").mkdir()
+    (tmp_path / "Patient.000.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
+    warning = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "diagnostics": "Observation x"}]}
+    error = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "expression": ["Observation"]}]}
+    (tmp_path / "error" / "OperationOutcome.000.ndjson").write_bytes(orjson.dumps(warning) + b"\n")
+    con = duckdb.connect()
+    report = land_ndjson(con, tmp_path)
+    only_warning = export_completeness(con, report.landing_id)
+    assert only_warning.complete and only_warning.errors == 0 and only_warning.outcomes == 1
+    (tmp_path / "error" / "OperationOutcome.000.ndjson").write_bytes(orjson.dumps(warning) + b"\n" + orjson.dumps(error) + b"\n")
+    report = land_ndjson(con, tmp_path)
+    assert export_completeness(con, report.landing_id).errors_by_type == {"Observation": 1}

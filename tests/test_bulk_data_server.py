@@ -530,7 +530,7 @@ def test_a_client_registered_by_jwks_is_matched_by_kid(client, rsa_key):
 
 @pytest.mark.parametrize("scope,status", [
     ("system/*.rs", 200), ("system/*.read", 200), ("system/Patient.rs system/Observation.rs", 200),
-    ("user/*.read", 400), ("patient/*.rs", 400), ("system/*.everything", 400), ("openid", 400),
+    ("user/*.read", 400), ("patient/*.rs", 400), ("system/*.everything", 400), ("openid", 400), ("system/Patient.", 400),
 ])
 def test_scopes_must_be_smart_system_scopes(auth_server, client, rsa_key, scope, status):
     response = client.post(auth_server.token_url, data={

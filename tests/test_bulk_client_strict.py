@@ -252,40 +252,24 @@ def test_the_clients_assertion_header_names_its_key():
     assert jwt.get_unverified_header(with_jku.assertion())["jku"] == "https://platform.example/jwks.json"
 
 
-def test_a_status_url_on_another_origin_never_gets_the_token(tmp_path):
-    key = ec.generate_private_key(ec.SECP384R1())
-    with BulkDataServer.from_synthetic(n_patients=2, seed=4) as foreign, \
-            BulkDataServer.from_synthetic(n_patients=2, seed=4, require_auth=True) as server:
-        server.register_client("platform", jwks=jwks_document(key))
-        server.faults.status_url_base = foreign.base_url
-        with BulkDataClient(server.base_url, SmartBackendAuth("platform", pem(key)), sleep=Sleeps()) as client:
-            with pytest.raises(BulkDataError, match="status URL on another origin"):
-                client.export(ExportRequest(), tmp_path)
-        assert foreign.requests == [] and foreign.authorization_headers == []
-
-
-def test_the_token_endpoint_is_never_followed_through_a_redirect(tmp_path):
+@pytest.mark.parametrize("fault,path,refusal", [
+    # polling and cancelling carry the access token
+    ("status_url_base", "", "status URL on another origin"),
+    # a 307/308 would re-send the client assertion in the POST body
+    ("token_redirect", "/token", "not following it with the client assertion"),
+    # the assertion (and its aud) would go to a plain-http host the server named
+    ("advertised_token_endpoint", "/token", "neither https nor on the FHIR server's origin"),
+])
+def test_no_credential_goes_to_another_origin(tmp_path, fault, path, refusal):
     key = ec.generate_private_key(ec.SECP384R1())
     with BulkDataServer.from_synthetic(n_patients=2, seed=4) as elsewhere, \
             BulkDataServer.from_synthetic(n_patients=2, seed=4, require_auth=True) as server:
         server.register_client("platform", jwks=jwks_document(key))
-        server.faults.token_redirect = elsewhere.base_url + "/token"
+        setattr(server.faults, fault, elsewhere.base_url + path)
         with BulkDataClient(server.base_url, SmartBackendAuth("platform", pem(key)), sleep=Sleeps()) as client:
-            with pytest.raises(BulkDataError, match="not following it with the client assertion"):
+            with pytest.raises(BulkDataError, match=refusal):
                 client.export(ExportRequest(), tmp_path)
-        assert elsewhere.requests == []  # the assertion went nowhere else
-
-
-def test_a_discovered_token_endpoint_on_a_foreign_http_origin_is_refused(tmp_path):
-    key = ec.generate_private_key(ec.SECP384R1())
-    with BulkDataServer.from_synthetic(n_patients=2, seed=4) as elsewhere, \
-            BulkDataServer.from_synthetic(n_patients=2, seed=4, require_auth=True) as server:
-        server.register_client("platform", jwks=jwks_document(key))
-        server.faults.advertised_token_endpoint = elsewhere.base_url + "/token"
-        with BulkDataClient(server.base_url, SmartBackendAuth("platform", pem(key)), sleep=Sleeps()) as client:
-            with pytest.raises(BulkDataError, match="neither https nor on the FHIR server's origin"):
-                client.export(ExportRequest(), tmp_path)
-        assert elsewhere.requests == []
+        assert elsewhere.requests == [] and elsewhere.authorization_headers == []
 
 
 def test_a_trickling_download_hits_the_time_limit(tmp_path):

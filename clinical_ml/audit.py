@@ -15,6 +15,7 @@ import duckdb
 import orjson
 
 from clinical_ml.db import transaction
+from clinical_ml.ingest import BOOKKEEPING_TABLES
 
 GENESIS_HASH = "0" * 64
 AUDIT_TABLE = "audit.audit_log"
@@ -116,7 +117,7 @@ def collect_pipeline_facts(con: duckdb.DuckDBPyConnection) -> dict:
     and the latest drift report. No identifier values: counts, hashes and codes only."""
     # Raw content only (id and resource), not landing bookkeeping such as the landing id.
     raw_hashes = {t: table_hash(con, f"(SELECT id, resource FROM {t})") for t in _tables(con, "raw")
-                  if t.split(".")[1] not in ("quarantine", "landing_files", "export_errors")}
+                  if t.split(".")[1] not in BOOKKEEPING_TABLES}
     deid_hashes = {t: table_hash(con, t) for t in _tables(con, "deid")}
     model = con.execute(
         """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, metrics

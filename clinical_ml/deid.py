@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
 from clinical_ml.db import transaction
+from clinical_ml.ingest import BOOKKEEPING_TABLES
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
 RESTRICTED_ZIP3 = (
@@ -651,8 +652,8 @@ def _resource_tables_left_behind(con: duckdb.DuckDBPyConnection, raw_schema: str
     projected = set(DEID_TABLES) | {"patient", "medication"}  # a Medication's code crosses via its request
     return [t for (t,) in con.execute(
         """SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND table_name NOT LIKE '\\_\\_%' ESCAPE '\\'
-           AND table_name NOT IN ('quarantine', 'landing_files', 'export_errors') ORDER BY table_name""",
-        [raw_schema]).fetchall() if t not in projected]
+           ORDER BY table_name""",
+        [raw_schema]).fetchall() if t not in projected and t not in BOOKKEEPING_TABLES]
 
 
 def _deid_counts(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, raw_counts: dict, restricted: str,

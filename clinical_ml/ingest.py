@@ -40,6 +40,9 @@ CORE_RESOURCE_TYPES = (
     "MedicationRequest",
     "DocumentReference",
 )
+# Landing bookkeeping kept beside the resource tables in `raw` (not resources: never hashed as
+# input, never counted as a resource type left behind by de-identification).
+BOOKKEEPING_TABLES = ("quarantine", "landing_files", "export_errors", "export_completeness")
 _TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
 # Resource types an error's free text may name (the ones a Bulk export of this platform asks for
 # and the common others); "Failed to export Condition resources" names Condition.

@@ -4,7 +4,7 @@ from dagster import Definitions, in_process_executor
 
 from clinical_assets.audit import audit_record
 from clinical_assets.deidentified import deidentified_fhir, deidentified_fhir_has_no_identifiers
-from clinical_assets.drift import drift_report, drift_report_psi_checks
+from clinical_assets.drift import drift_report
 from clinical_assets.features import feature_matrix, feature_matrix_has_no_identifiers
 from clinical_assets.leak_checks import DOWNSTREAM_LEAK_CHECKS
 from clinical_assets.model import trained_model
@@ -35,8 +35,7 @@ def default_resources() -> dict:
 def build_definitions(resources: dict | None = None) -> Definitions:
     return Definitions(
         assets=ASSETS,
-        asset_checks=[deidentified_fhir_has_no_identifiers, feature_matrix_has_no_identifiers, *DOWNSTREAM_LEAK_CHECKS,
-                      *drift_report_psi_checks],
+        asset_checks=[deidentified_fhir_has_no_identifiers, feature_matrix_has_no_identifiers, *DOWNSTREAM_LEAK_CHECKS],
         jobs=[clinical_pipeline_job, retrain_job],
         sensors=[psi_drift_sensor],
         resources=resources or default_resources(),

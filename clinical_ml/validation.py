@@ -10,17 +10,9 @@ import polars as pl
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
 from clinical_ml.db import transaction
+from clinical_ml.policy import Thresholds
 
 MIN_CLASS_COUNT = 10  # a subgroup needs this many positives and negatives for a meaningful AUROC
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_auroc: float = 0.85
-    min_sensitivity_at_90_specificity: float = 0.70
-    calibration_slope_range: tuple[float, float] = (0.8, 1.2)
-    max_subgroup_auroc_gap: float = 0.05
-    max_cv_auroc_std: float = 0.03
 
 
 def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray, specificity: float = 0.90) -> float:
@@ -70,6 +62,9 @@ class ValidationReport:
 
     def passed(self, metric: str) -> bool:
         return bool(self.metrics.filter(pl.col("metric") == metric)["passed"][0])
+
+    def rule(self, metric: str) -> str:
+        return str(self.metrics.filter(pl.col("metric") == metric)["rule"][0])
 
     def value(self, metric: str) -> float:
         return float(self.metrics.filter(pl.col("metric") == metric)["value"][0])

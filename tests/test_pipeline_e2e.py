@@ -126,7 +126,8 @@ def test_validation_checks_are_the_report(pipeline):
 
 def test_undrifted_batch_keeps_the_sensor_quiet(pipeline):
     md = pipeline.latest_metadata("drift_report")
-    assert md["max_psi"] < 0.2 and md["drifted_features"] == []
+    assert md["max_psi"] < 0.2 and md["drifted_features"] == [] and md["psi_threshold"] == 0.2
+    assert {e.check_name: e.passed for e in pipeline.first.get_asset_check_evaluations()}["psi_within_policy"]
     assert Path(md["evidently_report"]).stat().st_size > 100_000
     result = psi_drift_sensor.evaluate_tick(build_sensor_context(instance=pipeline.instance, definitions=pipeline.defs))
     assert result.run_requests == [] and result.skip_message
@@ -141,6 +142,8 @@ def test_drifted_batch_requests_one_retrain_and_retraining_works(pipeline):
     assert drifted.success
     md = pipeline.latest_metadata("drift_report")
     assert md["max_psi"] > 0.2 and "sbp_mean_3y" in md["drifted_features"]
+    # the report, its check and the sensor (below) judge by the same policy threshold
+    assert not {e.check_name: e.passed for e in drifted.get_asset_check_evaluations()}["psi_within_policy"]
 
     tick = psi_drift_sensor.evaluate_tick(build_sensor_context(
         instance=pipeline.instance, definitions=pipeline.defs, cursor=cursor))

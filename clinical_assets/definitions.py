@@ -8,6 +8,7 @@ from clinical_assets.drift import drift_report
 from clinical_assets.features import feature_matrix, feature_matrix_has_no_identifiers
 from clinical_assets.leak_checks import DOWNSTREAM_LEAK_CHECKS
 from clinical_assets.model import trained_model
+from clinical_assets.promotion import model_promotion
 from clinical_assets.raw_fhir import raw_fhir
 from clinical_assets.validation import validation_report
 from resources.audit_store import AuditStore
@@ -18,7 +19,8 @@ from resources.warehouse import DuckDBWarehouse
 from sensors.drift_sensor import psi_drift_sensor
 from sensors.jobs import clinical_pipeline_job, retrain_job
 
-ASSETS = [raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, drift_report, audit_record]
+ASSETS = [raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, model_promotion, drift_report,
+          audit_record]
 
 
 def default_resources() -> dict:

@@ -5,7 +5,7 @@ from clinical_assets.features import feature_matrix
 from clinical_assets.metadata import markdown_table
 from clinical_ml.features import read_feature_matrix, read_feature_spec
 from clinical_ml.model_store import save_model
-from clinical_ml.tracking import log_training_run
+from clinical_ml.tracking import log_and_register_model, log_training_run
 from clinical_ml.training import TrainingConfig, frame_hash, train
 from resources.mlflow_tracking import MLflowTracking
 from resources.warehouse import DuckDBWarehouse
@@ -39,19 +39,27 @@ def trained_model(context: AssetExecutionContext, config: TrainingRunConfig, war
     # InsufficientDataError says in numbers why the cohort cannot support a model
     result = train(frame, TrainingConfig(**config.model_dump()), horizon_days=spec.horizon_days,
                    data_span=plan.describe_span())
+    # a PHI-free input example for the registry: the feature medians, not any patient's row
+    example = frame.select(result.feature_names).median().fill_null(0.0).to_pandas().astype("float64")
     with mlflow.start_run(run_name=f"train-{context.run_id[:8]}",
                           tags={"dagster_run_id": context.run_id, "training_data_sha256": data_hash}) as run:
         import mlflow as mlflow_module
 
         log_training_run(mlflow_module, result, data_hash)
+        registry_version = log_and_register_model(mlflow_module, result, example, mlflow.registered_model_name)
         run_id = run.info.run_id
     with warehouse.connect() as con:
-        stored = save_model(con, result, run_id, data_hash)
+        stored = save_model(con, result, run_id, data_hash, registry_version)
+    # every new model is the challenger until the promotion gates say otherwise
+    mlflow.tag_version(registry_version, {"warehouse_model_version": stored.model_version,
+                                          "training_data_sha256": data_hash, "model_sha256": stored.model_sha256})
+    mlflow.set_alias("challenger", registry_version)
     importance = pl.DataFrame({"feature": result.feature_names,
                                "importance": result.model.get_feature_importance().tolist()}).sort(
         "importance", descending=True)
     return MaterializeResult(metadata={
         "model_version": stored.model_version,
+        "registered_model": f"{mlflow.registered_model_name} v{registry_version} (alias challenger)",
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": mlflow.tracking_uri,
         "training_data_sha256": data_hash,

@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS ml.test_predictions (
 );
 -- warehouses made before the landmark cohort: predictions gain their landmark
 ALTER TABLE ml.test_predictions ADD COLUMN IF NOT EXISTS landmark_date DATE;
+-- the MLflow Model Registry version of each model (the registry says which one serves)
+ALTER TABLE ml.models ADD COLUMN IF NOT EXISTS registry_version VARCHAR;
 """
 
 
@@ -49,10 +51,12 @@ class StoredModel:
     feature_names: list[str]
     metrics: dict
     model_cbm: bytes
+    params: dict = None
+    registry_version: str | None = None
 
 
 def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_run_id: str | None,
-               data_hash: str) -> StoredModel:
+               data_hash: str, registry_version: str | None = None) -> StoredModel:
     """Store a new model version and its test predictions in one transaction."""
     con.execute(_DDL)
     blob = result.model_bytes()
@@ -60,9 +64,11 @@ def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_ru
     with transaction(con):
         version = con.execute("SELECT coalesce(max(model_version), 0) + 1 FROM ml.models").fetchone()[0]
         con.execute(
-            "INSERT INTO ml.models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            """INSERT INTO ml.models (model_version, created_at, mlflow_run_id, training_data_hash, model_sha256,
+                                      feature_names, params, metrics, model_cbm, registry_version)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [version, datetime.now(timezone.utc), mlflow_run_id, data_hash, model_sha, result.feature_names,
-             orjson.dumps(result.params).decode(), orjson.dumps(result.metrics).decode(), blob],
+             orjson.dumps(result.params).decode(), orjson.dumps(result.metrics).decode(), blob, registry_version],
         )
         predictions = result.test_predictions.select(
             pl.lit(version, dtype=pl.Int32).alias("model_version"), "patient_key", "landmark_date", "sex", "age_group",
@@ -70,18 +76,29 @@ def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_ru
         con.register("new_predictions", predictions.to_arrow())
         con.execute("INSERT INTO ml.test_predictions BY NAME SELECT * FROM new_predictions")
         con.unregister("new_predictions")
-    return StoredModel(version, mlflow_run_id, data_hash, model_sha, result.feature_names, result.metrics, blob)
+    return StoredModel(version, mlflow_run_id, data_hash, model_sha, result.feature_names, result.metrics, blob,
+                       result.params, registry_version)
 
 
 def latest_model(con: duckdb.DuckDBPyConnection) -> StoredModel:
+    """The model trained last (the challenger), not the one in service: that is the registry's
+    `champion` alias."""
+    return _model(con, "ORDER BY model_version DESC LIMIT 1", [])
+
+
+def model_by_version(con: duckdb.DuckDBPyConnection, model_version: int) -> StoredModel:
+    return _model(con, "WHERE model_version = ?", [model_version])
+
+
+def _model(con: duckdb.DuckDBPyConnection, where: str, params: list) -> StoredModel:
     con.execute(_DDL)
     row = con.execute(
-        """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, feature_names, metrics, model_cbm
-           FROM ml.models ORDER BY model_version DESC LIMIT 1"""
-    ).fetchone()
+        f"""SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, feature_names, metrics, model_cbm,
+                   params, registry_version FROM ml.models {where}""", params).fetchone()
     if row is None:
-        raise LookupError("no trained model in the warehouse: materialize trained_model first")
-    return StoredModel(row[0], row[1], row[2], row[3], list(row[4]), orjson.loads(row[5]), bytes(row[6]))
+        raise LookupError("no such trained model in the warehouse: materialize trained_model first")
+    return StoredModel(row[0], row[1], row[2], row[3], list(row[4]), orjson.loads(row[5]), bytes(row[6]),
+                       orjson.loads(row[7]), row[8])
 
 
 def test_predictions(con: duckdb.DuckDBPyConnection, model_version: int) -> pl.DataFrame:

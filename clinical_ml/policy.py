@@ -21,11 +21,19 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class PromotionRules:
+    non_inferiority_margin: float = 0.02
+    bootstrap_samples: int = 1000
+    bootstrap_seed: int = 20261125
+
+
+@dataclass(frozen=True)
 class ClinicalPolicy:
     version: str
     validation: Thresholds
     psi_retrain_threshold: float
     source: str
+    promotion: PromotionRules = PromotionRules()
 
 
 def policy_file() -> Path:
@@ -45,11 +53,16 @@ def load_policy(path: str | Path | None = None) -> ClinicalPolicy:
             calibration_slope_range=(low, high),
             max_subgroup_auroc_gap=float(v["max_subgroup_auroc_gap"]),
             max_cv_auroc_std=float(v["max_cv_auroc_std"]))
+        p = data["promotion"]
+        promotion = PromotionRules(non_inferiority_margin=float(p["non_inferiority_margin"]),
+                                   bootstrap_samples=int(p["bootstrap_samples"]), bootstrap_seed=int(p["bootstrap_seed"]))
         policy = ClinicalPolicy(version=str(data["version"]), validation=thresholds,
-                                psi_retrain_threshold=float(m["psi_retrain_threshold"]), source=str(path))
+                                psi_retrain_threshold=float(m["psi_retrain_threshold"]), source=str(path),
+                                promotion=promotion)
     except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as error:
         raise ValueError(f"clinical policy {path}: {type(error).__name__}: {error}") from None
-    if not (0 < policy.psi_retrain_threshold and 0 <= low < high and 0 < thresholds.min_auroc <= 1):
+    if not (0 < policy.psi_retrain_threshold and 0 <= low < high and 0 < thresholds.min_auroc <= 1
+            and 0 <= promotion.non_inferiority_margin < 0.5 and promotion.bootstrap_samples >= 100):
         raise ValueError(f"clinical policy {path}: a threshold is out of range")
     return policy
 

@@ -14,4 +14,14 @@ def log_training_run(mlflow, result: TrainingResult, data_hash: str, extra_param
         mlflow.log_metric("cv_fold_auroc", auroc, step=fold)
     mlflow.set_tag("training_data_sha256", data_hash)
     mlflow.log_dict({"features": result.feature_names, "training_data_sha256": data_hash}, "features.json")
-    mlflow.catboost.log_model(result.model, name="model")
+
+
+def log_and_register_model(mlflow, result: TrainingResult, input_example, registered_model_name: str):
+    """Log the model with its signature and a PHI-free input example (feature medians, no
+    patient's row) and register it as a new version; returns the registered version."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(input_example, result.model.predict_proba(input_example)[:, 1])
+    info = mlflow.catboost.log_model(result.model, name="model", signature=signature, input_example=input_example,
+                                     registered_model_name=registered_model_name)
+    return str(info.registered_model_version)

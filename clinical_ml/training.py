@@ -202,7 +202,9 @@ def train(frame: pl.DataFrame, config: TrainingConfig, horizon_days: int = 730, 
     }
     return TrainingResult(
         model=model, baseline=baseline, feature_names=list(MODEL_FEATURES), test_predictions=predictions,
-        metrics=metrics, cv_aurocs=cv_aurocs, params=config.catboost_params(), temporal=temporal,
+        metrics=metrics, cv_aurocs=cv_aurocs, temporal=temporal,
+        # the split is part of the model's identity: which patients it never saw
+        params={**config.catboost_params(), "test_fraction": config.test_fraction, "split_seed": config.seed},
         n_train=int((~is_test).sum()), n_test=int(is_test.sum()),
     )
 

@@ -19,6 +19,8 @@ class MLflowTracking(ConfigurableResource):
     artifact_root: str = Field(default_factory=default_mlflow_artifact_root,
                                description="Artifact location for experiments this platform creates.")
     experiment_name: str = Field(default="hypertension-risk")
+    registered_model_name: str = Field(default="hypertension-risk",
+                                       description="Model Registry name; aliases champion and challenger mark roles.")
 
     def _client_setup(self):
         import mlflow
@@ -51,3 +53,25 @@ class MLflowTracking(ConfigurableResource):
         client = mlflow.MlflowClient()
         for name, value in metrics.items():
             client.log_metric(run_id, name, value)
+
+    # -- Model Registry: the source of truth for which model serves ---------------------------
+    def _registry(self):
+        mlflow, _ = self._client_setup()
+        return mlflow.MlflowClient()
+
+    def tag_version(self, version: str, tags: dict[str, str]) -> None:
+        client = self._registry()
+        for key, value in tags.items():
+            client.set_model_version_tag(self.registered_model_name, version, key, str(value))
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self._registry().set_registered_model_alias(self.registered_model_name, alias, version)
+
+    def alias_version(self, alias: str):
+        """The registered version behind ``alias`` (with its tags), or None when unset."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._registry().get_model_version_by_alias(self.registered_model_name, alias)
+        except MlflowException:
+            return None

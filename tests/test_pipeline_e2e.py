@@ -68,7 +68,7 @@ def test_whole_graph_materializes(pipeline):
     assert pipeline.first.success
     materialized = {e.asset_key.to_user_string() for e in pipeline.first.get_asset_materialization_events()}
     assert materialized == {"raw_fhir", "deidentified_fhir", "feature_matrix", "trained_model",
-                            "validation_report", "drift_report", "audit_record"}
+                            "validation_report", "model_promotion", "drift_report", "audit_record"}
 
 
 def test_raw_landing_reconciles(pipeline):
@@ -157,10 +157,22 @@ def test_drifted_batch_requests_one_retrain_and_retraining_works(pipeline):
     retrain = pipeline.run("retrain", tags=tick.run_requests[0].tags)
     assert retrain.success
     assert pipeline.latest_metadata("trained_model")["model_version"] == 2
-    audit = pipeline.sql("SELECT sequence, previous_hash, record_hash FROM audit.audit_log ORDER BY sequence")
-    assert [r[0] for r in audit] == [1, 2] and audit[1][1] == audit[0][2]
-    body = json.loads(pipeline.sql("SELECT body FROM audit.audit_log WHERE sequence = 2")[0][0])
+    audit = pipeline.sql("SELECT sequence, previous_hash, record_hash, body->>'event' FROM audit.audit_log ORDER BY sequence")
+    assert [r[0] for r in audit] == [1, 2, 3, 4] and all(b[1] == a[2] for a, b in zip(audit, audit[1:]))
+    # per run: the promotion decision and the run's record (in either order: independent branches)
+    assert sorted(map(str, (r[3] for r in audit))) == ["None", "None", "model_promotion", "model_promotion"]
+    body = json.loads(pipeline.sql("SELECT body FROM audit.audit_log WHERE body->>'event' IS NULL "
+                                   "ORDER BY sequence DESC LIMIT 1")[0][0])
     assert body["model"]["model_version"] == 2 and body["dagster_run_id"] == retrain.run_id
+    # same data, same seed, same model: non-inferior, so the registry's champion moved to it
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("hypertension-risk", "champion")
+    assert str(champion.version) == "2" and champion.tags["warehouse_model_version"] == "2"
+    assert str(client.get_model_version_by_alias("hypertension-risk", "challenger").version) == "2"
+    decision = json.loads(pipeline.sql("SELECT body FROM audit.audit_log WHERE body->>'event' = 'model_promotion' "
+                                       "ORDER BY sequence DESC LIMIT 1")[0][0])
+    assert decision["decision"]["comparison"]["difference"] == 0.0 and decision["decision"]["promote"]
     # same data, same seed: the retrained model is the same model
     hashes = pipeline.sql("SELECT DISTINCT model_sha256, training_data_hash FROM ml.models")
     assert len(hashes) == 1

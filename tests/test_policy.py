@@ -20,6 +20,10 @@ max_subgroup_auroc_gap = 0.05
 max_cv_auroc_std = 0.03
 [monitoring]
 psi_retrain_threshold = 0.5
+[promotion]
+non_inferiority_margin = 0.01
+bootstrap_samples = 200
+bootstrap_seed = 1
 '''
 
 

@@ -89,9 +89,14 @@ def test_features_on_real_data_carry_signal_from_every_source(real_1461):
 
 def test_all_ages_cohort_runs_every_asset_to_the_audit_record(real_1461):
     result = real_1461.all_ages
-    assert result.success, "the all-ages cohort should train on the 1,461-patient export"
-    assert materialized(result) == BEFORE_TRAINING | {"trained_model", "validation_report", "drift_report",
-                                                      "audit_record"}
+    assert materialized(result) == BEFORE_TRAINING | {"trained_model", "validation_report", "model_promotion",
+                                                      "drift_report", "audit_record"}
+    # the model fails clinical gates, so the promotion's blocking gates fail the run (and only them)
+    failed = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert not result.success and failed == ["model_promotion"]
+    promotion = real_1461.latest_metadata("model_promotion")
+    assert promotion["promoted"] is False and promotion["champion_now"] == "none"
+    assert "gate subgroup_auroc_gap not met" in promotion["reasons"]  # no subgroup has 10 positives
     model = real_1461.latest_metadata("trained_model")
     assert 0.5 < model["test_auroc"] <= 1.0 and model["n_test"] > 500
     report = dict((m, v) for m, v in real_1461.sql(

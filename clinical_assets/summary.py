@@ -1,6 +1,8 @@
 """Print what the last run produced, from the warehouse: `python -m clinical_assets.summary`.
 Stages that have not produced anything yet (a run that stopped at training, say) are said so."""
 
+import json
+
 import duckdb
 
 from clinical_ml.audit import verify_chain
@@ -55,6 +57,13 @@ def main() -> None:
                 print(f"  {metric:<32} {value:8.4f}  ({rule}: {'met' if passed else 'NOT met'})")
             elif metric == "temporal_test_auroc":
                 print(f"  {metric:<32} {value:8.4f}  (reported: trained on earlier landmarks, tested on later ones)")
+        if _exists(con, "ml", "promotions"):
+            decision = one("SELECT promoted, reasons FROM ml.promotions WHERE model_version = ? "
+                           "ORDER BY decided_at DESC LIMIT 1", [version])
+            if decision:
+                promoted, reasons = decision[0], [r for r in json.loads(decision[1])]
+                print(f"promotion        {'champion' if promoted else 'not promoted'}"
+                      f"{': ' + '; '.join(reasons) if reasons else ' (all gates met)'}")
         if _exists(con, "monitoring", "drift_report"):
             max_psi, = one("""SELECT max(psi) FROM monitoring.drift_report WHERE report_id =
                               (SELECT report_id FROM monitoring.drift_report ORDER BY created_at DESC LIMIT 1)""")

@@ -8,7 +8,8 @@ def test_definitions_load_and_validate():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"raw_fhir", "deidentified_fhir", "feature_matrix", "trained_model", "validation_report",
-                    "drift_report", "audit_record"}
+                    "model_promotion", "drift_report", "audit_record"}
+    assert graph.get(AssetKey("model_promotion")).parent_keys == {AssetKey("validation_report")}
     # lineage: raw -> deid -> features -> model -> validation -> audit; drift reads features and model
     assert graph.get(AssetKey("deidentified_fhir")).parent_keys == {AssetKey("raw_fhir")}
     assert AssetKey("validation_report") in graph.get(AssetKey("audit_record")).parent_keys

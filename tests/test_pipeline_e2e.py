@@ -114,6 +114,20 @@ def test_feature_matrix_and_model_are_recorded(pipeline):
     assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'").shape[0] == 1
 
 
+def test_a_fresh_registry_gets_the_first_model_as_champion_through_the_gates(pipeline):
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
+    client = mlflow.MlflowClient()
+    first = client.get_model_version("hypertension-risk", "1")
+    first_run = pipeline.sql("SELECT mlflow_run_id FROM ml.models WHERE model_version = 1")[0][0]
+    assert first.tags["warehouse_model_version"] == "1" and first.run_id == first_run
+    model_info = mlflow.models.get_model_info("models:/hypertension-risk/1")
+    assert model_info.signature is not None and model_info.saved_input_example_info is not None
+    (promoted, reasons), = pipeline.sql("SELECT promoted, reasons FROM ml.promotions WHERE model_version = 1")
+    gates = {e.check_name: e.passed for e in pipeline.first.get_asset_check_evaluations()
+             if e.asset_key == AssetKey("model_promotion")}
+    assert promoted == all(gates.values()) and gates["non_inferior_to_champion"]  # no champion to lose against
+
+
 def test_validation_checks_are_the_report(pipeline):
     evaluations = {e.check_name: e for e in pipeline.first.get_asset_check_evaluations()}
     report = {m: (v, p) for m, v, p in pipeline.sql(

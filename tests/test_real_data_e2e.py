@@ -107,9 +107,11 @@ def test_all_ages_cohort_runs_every_asset_to_the_audit_record(real_1461):
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert all(checks[name] for name in checks if name.endswith("_has_no_identifiers"))
     assert checks["audit_chain_intact"]
-    body = json.loads(real_1461.sql("SELECT body FROM audit.audit_log ORDER BY sequence DESC LIMIT 1")[0][0])
+    body = json.loads(real_1461.sql("SELECT body FROM audit.audit_log WHERE body->>'event' IS NULL ORDER BY sequence DESC LIMIT 1")[0][0])
     assert body["model"]["model_version"] == model["model_version"]
     assert body["cohort"]["min_age"] == 0 and len(body["cohort"]["landmarks"]) == 10
+    rejection = json.loads(real_1461.sql("SELECT body FROM audit.audit_log WHERE body->>'event' = 'model_rejection'")[0][0])
+    assert rejection["decision"]["promote"] is False and rejection["evidence"]["challenger"]["model_sha256"]
     assert real_1461.instance.get_latest_materialization_event(AssetKey("audit_record")) is not None
 
 

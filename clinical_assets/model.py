@@ -39,14 +39,12 @@ def trained_model(context: AssetExecutionContext, config: TrainingRunConfig, war
     # InsufficientDataError says in numbers why the cohort cannot support a model
     result = train(frame, TrainingConfig(**config.model_dump()), horizon_days=spec.horizon_days,
                    data_span=plan.describe_span())
-    # a PHI-free input example for the registry: the feature medians, not any patient's row
-    example = frame.select(result.feature_names).median().fill_null(0.0).to_pandas().astype("float64")
     with mlflow.start_run(run_name=f"train-{context.run_id[:8]}",
                           tags={"dagster_run_id": context.run_id, "training_data_sha256": data_hash}) as run:
         import mlflow as mlflow_module
 
         log_training_run(mlflow_module, result, data_hash)
-        registry_version = log_and_register_model(mlflow_module, result, example, mlflow.registered_model_name)
+        registry_version = log_and_register_model(mlflow_module, result, frame, mlflow.registered_model_name)
         run_id = run.info.run_id
     with warehouse.connect() as con:
         stored = save_model(con, result, run_id, data_hash, registry_version)

@@ -3,17 +3,11 @@ Stages that have not produced anything yet (a run that stopped at training, say)
 
 import json
 
-import duckdb
-
 from clinical_ml.audit import verify_chain
+from clinical_ml.db import table_exists
 from clinical_ml.features import landmark_summary, read_feature_matrix, read_feature_spec
 from clinical_ml.training import TrainingConfig, check_trainable, frame_hash
 from resources.warehouse import DuckDBWarehouse
-
-
-def _exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-                       [schema, table]).fetchone()[0] > 0
 
 
 def main() -> None:
@@ -23,12 +17,12 @@ def main() -> None:
         def one(sql, params=None):
             return con.execute(sql, params or []).fetchone()
 
-        if not _exists(con, "raw", "landing_files"):
+        if not table_exists(con, "raw", "landing_files"):
             print("raw FHIR         nothing landed yet")
             return
         lines, loaded, quarantined = one("SELECT sum(lines_read), sum(loaded), sum(quarantined) FROM raw.landing_files")
         print(f"raw FHIR         {lines} lines read, {loaded} loaded, {quarantined} quarantined")
-        if not _exists(con, "features", "feature_matrix"):
+        if not table_exists(con, "features", "feature_matrix"):
             print("feature matrix   not built yet")
             return
         frame = read_feature_matrix(con)
@@ -39,7 +33,7 @@ def main() -> None:
         summary = landmark_summary(frame, plan)
         print("  landmarks      " + ", ".join(f"{d}: {p}/{e}" for d, e, p, _ in summary.iter_rows()) + " (positives/eligible)")
         model = one("SELECT model_version, mlflow_run_id, training_data_hash FROM ml.models ORDER BY model_version DESC "
-                    "LIMIT 1") if _exists(con, "ml", "models") else None
+                    "LIMIT 1") if table_exists(con, "ml", "models") else None
         if model is None or model[2] != frame_hash(frame):
             try:
                 check_trainable(frame, TrainingConfig(), plan.describe_span())
@@ -50,25 +44,25 @@ def main() -> None:
         version, run_id, _ = model
         checks = con.execute(
             "SELECT metric, value, rule, passed FROM ml.validation_report WHERE model_version = ? ORDER BY metric",
-            [version]).fetchall() if _exists(con, "ml", "validation_report") else []
+            [version]).fetchall() if table_exists(con, "ml", "validation_report") else []
         print(f"model            version {version}, MLflow run {run_id}")
         for metric, value, rule, passed in checks:
             if rule != "reported":
                 print(f"  {metric:<32} {value:8.4f}  ({rule}: {'met' if passed else 'NOT met'})")
             elif metric == "temporal_test_auroc":
                 print(f"  {metric:<32} {value:8.4f}  (reported: trained on earlier landmarks, tested on later ones)")
-        if _exists(con, "ml", "promotions"):
+        if table_exists(con, "ml", "promotions"):
             decision = one("SELECT promoted, reasons FROM ml.promotions WHERE model_version = ? "
                            "ORDER BY decided_at DESC LIMIT 1", [version])
             if decision:
                 promoted, reasons = decision[0], [r for r in json.loads(decision[1])]
                 print(f"promotion        {'champion' if promoted else 'not promoted'}"
                       f"{': ' + '; '.join(reasons) if reasons else ' (all gates met)'}")
-        if _exists(con, "monitoring", "drift_report"):
+        if table_exists(con, "monitoring", "drift_report"):
             max_psi, = one("""SELECT max(psi) FROM monitoring.drift_report WHERE report_id =
                               (SELECT report_id FROM monitoring.drift_report ORDER BY created_at DESC LIMIT 1)""")
             print(f"drift            max PSI {max_psi:.3f}")
-        if _exists(con, "audit", "audit_log"):
+        if table_exists(con, "audit", "audit_log"):
             records, = one("SELECT count(*) FROM audit.audit_log")
             intact, _ = verify_chain(con)
             print(f"audit log        {records} records, chain {'intact' if intact else 'BROKEN'}")

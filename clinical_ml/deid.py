@@ -33,7 +33,7 @@ import duckdb
 import pyarrow as pa
 
 from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
-from clinical_ml.db import transaction
+from clinical_ml.db import table_exists, transaction
 from clinical_ml.ingest import BOOKKEEPING_TABLES
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
@@ -473,7 +473,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
     )
     # Codes of the landed Medication resources (empty when the export has none).
     medication_source = (f"SELECT id AS medication_id, best_coding(resource->'code'->'coding') AS coding FROM {r}.medication"
-                         if _table_exists(con, r, "medication") else
+                         if table_exists(con, r, "medication") else
                          "SELECT NULL::VARCHAR AS medication_id, NULL::STRUCT(system VARCHAR, code VARCHAR) AS coding LIMIT 0")
     con.execute(f"CREATE OR REPLACE TEMP TABLE deid_medication_codes AS {medication_source}")
     restricted = ", ".join(f"'{z}'" for z in RESTRICTED_ZIP3)
@@ -636,11 +636,6 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         reference_date=str(reference_date),
         resource_types_left_behind=left_behind,
     )
-
-
-def _table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-                       [schema, table]).fetchone()[0] > 0
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str):

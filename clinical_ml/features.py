@@ -30,7 +30,7 @@ import polars as pl
 
 from clinical_ml import codes
 from clinical_ml.codes import code_match_sql, sql_literal_list
-from clinical_ml.db import quote_ident, transaction
+from clinical_ml.db import quote_ident, table_exists, transaction
 
 HYPERTENSION_CODE_SQL = code_match_sql(codes.HYPERTENSION)
 DIAGNOSIS_FLAGS = {name: code_match_sql(code_list) for name, code_list in codes.DIAGNOSES.items()}
@@ -93,9 +93,9 @@ def _add_months(day: date, months: int) -> date:
 
 def _date_mode(con: duckdb.DuckDBPyConnection, schema: str) -> str:
     """How de-identification generalized dates (``shift`` when it did not say)."""
-    exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'settings'",
-                         [schema]).fetchone()[0]
-    return con.execute(f"SELECT date_mode FROM {quote_ident(schema)}.settings").fetchone()[0] if exists else "shift"
+    if not table_exists(con, schema, "settings"):
+        return "shift"
+    return con.execute(f"SELECT date_mode FROM {quote_ident(schema)}.settings").fetchone()[0]
 
 
 def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema: str = "deid") -> LandmarkPlan:

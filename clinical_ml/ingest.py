@@ -28,7 +28,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from clinical_ml.db import transaction
+from clinical_ml.db import table_exists, transaction
 
 # Resource types every downstream stage expects; their raw tables exist (maybe empty) after
 # any landing so that a source without, say, Observation still flows through the graph.
@@ -399,9 +399,8 @@ class IncompleteExportError(RuntimeError):
 
 def refuse_incomplete_export(con: duckdb.DuckDBPyConnection, schema: str = "raw") -> None:
     """Raise if the latest landing was judged an incomplete export (see record_completeness)."""
-    exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = "
-                         "'export_completeness'", [schema]).fetchone()[0]
-    row = con.execute(f"SELECT complete, summary FROM {schema}.export_completeness").fetchone() if exists else None
+    row = (con.execute(f"SELECT complete, summary FROM {schema}.export_completeness").fetchone()
+           if table_exists(con, schema, "export_completeness") else None)
     if row is not None and not row[0]:
         raise IncompleteExportError(f"the landed export is incomplete: {row[1]}. Land a complete export, or accept "
                                     "partial data with FHIR_MAX_EXPORT_ERRORS.")
@@ -411,10 +410,8 @@ def export_completeness(con: duckdb.DuckDBPyConnection, landing_id: str, toleran
                         schema: str = "raw") -> ExportCompleteness:
     """Count a landing's server-reported errors per resource type: the type an issue names in
     ``expression`` (``Condition`` or ``Condition.code``), else one named in its diagnostics."""
-    rows = con.execute(f"SELECT operation_outcome FROM {schema}.export_errors WHERE landing_id = ?",
-                       [landing_id]).fetchall() if con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = 'export_errors'",
-        [schema]).fetchone()[0] else []
+    rows = (con.execute(f"SELECT operation_outcome FROM {schema}.export_errors WHERE landing_id = ?",
+                        [landing_id]).fetchall() if table_exists(con, schema, "export_errors") else [])
     by_type: dict[str, int] = {}
     errors = 0
     for (text,) in rows:

@@ -16,11 +16,12 @@ def log_training_run(mlflow, result: TrainingResult, data_hash: str, extra_param
     mlflow.log_dict({"features": result.feature_names, "training_data_sha256": data_hash}, "features.json")
 
 
-def log_and_register_model(mlflow, result: TrainingResult, input_example, registered_model_name: str):
-    """Log the model with its signature and a PHI-free input example (feature medians, no
-    patient's row) and register it as a new version; returns the registered version."""
+def log_and_register_model(mlflow, result: TrainingResult, frame, registered_model_name: str):
+    """Log the model with its signature and a PHI-free input example (the training features'
+    medians, not any patient's row) and register it as a new version; returns that version."""
     from mlflow.models import infer_signature
 
+    input_example = frame.select(result.feature_names).median().fill_null(0.0).to_pandas().astype("float64")
     signature = infer_signature(input_example, result.model.predict_proba(input_example)[:, 1])
     info = mlflow.catboost.log_model(result.model, name="model", signature=signature, input_example=input_example,
                                      registered_model_name=registered_model_name)

@@ -74,11 +74,14 @@ def model_promotion(config: PromotionConfig, warehouse: DuckDBWarehouse, mlflow:
         },
         check_results=[
             *(AssetCheckResult(check_name=name, passed=decision.gates[metric], severity=AssetCheckSeverity.ERROR,
-                               description=evidence["gates"][metric])
+                               description=evidence["gates"][metric],
+                               metadata={"evidence": evidence["gates"][metric], "policy_version": policy.version})
               for name, metric in PROMOTION_CHECKS.items()),
             AssetCheckResult(
                 check_name="non_inferior_to_champion", severity=AssetCheckSeverity.ERROR,
                 passed=champion is None or (comparison is not None and comparison.non_inferior),
-                description=evidence["comparison"]),
+                description=evidence["comparison"],
+                metadata={"evidence": evidence["comparison"], "policy_version": policy.version,
+                          "margin": policy.promotion.non_inferiority_margin}),
         ],
     )

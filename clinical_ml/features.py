@@ -51,7 +51,7 @@ MODEL_FEATURES = [
     "encounters_1y", "ed_visits_3y", "inpatient_stays_3y",
     "note_htn_affirmed", "note_htn_negated", "note_family_history_htn",
 ]
-SUBGROUP_COLUMNS = ["sex", "age_group", "race"]
+SUBGROUP_COLUMNS = ["sex", "age_group", "race", "ethnicity"]
 ROW_KEY = ["patient_key", "landmark_date"]
 
 
@@ -188,7 +188,7 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
     ),
     last_seen AS (SELECT patient_key, max(start_date) AS last_encounter FROM {s}.encounter GROUP BY patient_key),
     pairs AS (
-        SELECT p.patient_key, l.landmark_date, p.gender AS sex, p.race,
+        SELECT p.patient_key, l.landmark_date, p.gender AS sex, p.race, p.ethnicity,
             -- Safe Harbor hides the birth year of anyone 90+ today; they are counted as 90 at
             -- every landmark (an over-estimate by at most the years since the landmark).
             CASE WHEN p.birth_year IS NULL AND p.age_90_or_older THEN 90
@@ -272,7 +272,7 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
     SELECT
         c.patient_key,
         c.landmark_date,
-        c.sex, coalesce(c.race, 'Unknown') AS race,
+        c.sex, coalesce(c.race, 'Unknown') AS race, coalesce(c.ethnicity, 'Unknown') AS ethnicity,
         CASE WHEN c.age_at_index < 18 THEN '0-17' WHEN c.age_at_index < 45 THEN '18-44'
              WHEN c.age_at_index < 65 THEN '45-64' ELSE '65+' END AS age_group,
         c.age_at_index::INTEGER AS age_at_index,

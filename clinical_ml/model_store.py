@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS ml.test_predictions (
 ALTER TABLE ml.test_predictions ADD COLUMN IF NOT EXISTS landmark_date DATE;
 -- the MLflow Model Registry version of each model (the registry says which one serves)
 ALTER TABLE ml.models ADD COLUMN IF NOT EXISTS registry_version VARCHAR;
+ALTER TABLE ml.test_predictions ADD COLUMN IF NOT EXISTS ethnicity VARCHAR;
 """
 
 
@@ -72,7 +73,7 @@ def save_model(con: duckdb.DuckDBPyConnection, result: TrainingResult, mlflow_ru
         )
         predictions = result.test_predictions.select(
             pl.lit(version, dtype=pl.Int32).alias("model_version"), "patient_key", "landmark_date", "sex", "age_group",
-            "race", "y_true", "score", "baseline_score")
+            "race", "ethnicity", "y_true", "score", "baseline_score")
         con.register("new_predictions", predictions.to_arrow())
         con.execute("INSERT INTO ml.test_predictions BY NAME SELECT * FROM new_predictions")
         con.unregister("new_predictions")

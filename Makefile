@@ -20,9 +20,12 @@ dagster-home:
 
 # Install, then materialize the whole asset graph on the embedded defaults (synthetic FHIR
 # source, DuckDB file, SQLite Dagster storage, local MLflow store; demo de-id key).
+# The data arrive as a batch (a Dagster partition): registered first, then materialized.
 demo: install dagster-home
-	CLINICAL_DEMO_MODE=1 $(BIN)/dagster job execute -m clinical_assets.definitions -a defs -j clinical_pipeline
-	CLINICAL_DEMO_MODE=1 $(BIN)/python -m clinical_assets.summary
+	export CLINICAL_DEMO_MODE=1; batch=$$($(BIN)/python -m clinical_assets.batches add --label initial) && \
+	$(BIN)/dagster job execute -m clinical_assets.definitions -a defs -j clinical_pipeline \
+		--tags "{\"dagster/partition\": \"$$batch\"}" && \
+	$(BIN)/python -m clinical_assets.summary
 
 # Install, then run the whole test suite (slow suites included).
 test: install

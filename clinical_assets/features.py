@@ -2,11 +2,13 @@ from datetime import date
 from typing import Optional
 
 import polars as pl
-from dagster import AssetCheckResult, Config, MaterializeResult, asset, asset_check
+from dagster import AssetCheckSpec, AssetExecutionContext, Config, MaterializeResult, asset
 from pydantic import Field
 
+from clinical_assets.batches import FHIR_BATCHES
 from clinical_assets.deidentified import deidentified_fhir, leak_check_result
 from clinical_assets.metadata import markdown_table
+from clinical_ml.deid import find_identifier_leaks
 from clinical_ml.features import (MODEL_FEATURES, FeatureSpec, build_feature_matrix, landmark_summary, resolve_landmarks,
                                   write_feature_matrix)
 from clinical_ml.training import frame_hash
@@ -39,6 +41,7 @@ def feature_summary(frame: pl.DataFrame) -> pl.DataFrame:
 
 @asset(
     deps=[deidentified_fhir],
+    partitions_def=FHIR_BATCHES,
     group_name="features",
     kinds={"duckdb", "polars"},
     owners=["team:clinical-ml"],
@@ -46,16 +49,23 @@ def feature_summary(frame: pl.DataFrame) -> pl.DataFrame:
     "every 12 months across the span the data covers. Eligible: adult, alive, not yet diagnosed, history in the "
     "lookback window, observed through the horizon (else censored, not negative). Features strictly before the "
     "landmark: demographics, BP/BMI/lab windows and trends, diagnosis flags, medications, utilization, note "
-    "mentions (negation-aware); label = first hypertension diagnosis within the horizon. Pandera-validated.",
+    "mentions (negation-aware); label = first hypertension diagnosis within the horizon. Pandera-validated. "
+    "Per batch, in the batch's file; training reads a window of batches.",
+    check_specs=[AssetCheckSpec("feature_matrix_has_no_identifiers", asset="feature_matrix", blocking=True,
+                                description="No original identifier value appears in the feature matrix.")],
 )
-def feature_matrix(config: FeatureConfig, warehouse: DuckDBWarehouse) -> MaterializeResult:
+def feature_matrix(context: AssetExecutionContext, config: FeatureConfig, warehouse: DuckDBWarehouse,
+                   deid_key: DeidKey) -> MaterializeResult:
     spec = config.spec()
-    with warehouse.connect() as con:
+    with warehouse.connect_batch(context.partition_key) as con:
         plan = resolve_landmarks(con, spec)
         frame = build_feature_matrix(con, spec, plan=plan)
         write_feature_matrix(con, frame, spec, plan)
+        leak_check = leak_check_result(find_identifier_leaks(con, ["features.feature_matrix"], deid_key.key()),
+                                       ["features.feature_matrix"], check_name="feature_matrix_has_no_identifiers")
     landmarks = landmark_summary(frame, plan)
-    return MaterializeResult(metadata={
+    return MaterializeResult(check_results=[leak_check], metadata={
+        "batch": context.partition_key,
         "rows": frame.height,
         "patients": frame["patient_key"].n_unique(),
         "landmarks": len(plan.landmarks),
@@ -68,9 +78,3 @@ def feature_matrix(config: FeatureConfig, warehouse: DuckDBWarehouse) -> Materia
         "data_sha256": frame_hash(frame),
         "summary": markdown_table(feature_summary(frame)),
     })
-
-
-@asset_check(asset=feature_matrix, blocking=True,
-             description="No original identifier value appears in the feature matrix.")
-def feature_matrix_has_no_identifiers(warehouse: DuckDBWarehouse, deid_key: DeidKey) -> AssetCheckResult:
-    return leak_check_result(warehouse, deid_key, ["features.feature_matrix"])

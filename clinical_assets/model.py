@@ -1,9 +1,12 @@
+from typing import Optional
+
 import polars as pl
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
 
 from clinical_assets.features import feature_matrix
 from clinical_assets.metadata import markdown_table
-from clinical_ml.features import read_feature_matrix, read_feature_spec
+from clinical_ml.batches import TrainingWindow, read_training_window
 from clinical_ml.model_store import save_model
 from clinical_ml.tracking import log_and_register_model, log_training_run
 from clinical_ml.training import TrainingConfig, frame_hash, train
@@ -18,6 +21,15 @@ class TrainingRunConfig(Config):
     depth: int = 4
     learning_rate: float = 0.05
     min_positives: int = 50
+    window_batches: Optional[int] = Field(default=None, description="Train on the newest N landed batches (default: all).")
+    window_months: Optional[int] = Field(
+        default=None, description="Within them, only landmarks at most N months before the newest (default: all).")
+
+    def training_config(self) -> TrainingConfig:
+        return TrainingConfig(**self.model_dump(exclude={"window_batches", "window_months"}))
+
+    def window(self) -> TrainingWindow:
+        return TrainingWindow(batches=self.window_batches, months=self.window_months)
 
 
 @asset(
@@ -25,29 +37,31 @@ class TrainingRunConfig(Config):
     group_name="training",
     kinds={"catboost", "scikitlearn", "mlflow"},
     owners=["team:clinical-ml"],
-    description="CatBoost classifier (with a logistic-regression baseline) trained on a seeded, "
+    description="CatBoost classifier (with a logistic-regression baseline) trained on a window of landed batches "
+    "(default: all; a patient's rows from the newest batch that has them), on a seeded, "
     "patient-level split of the landmark cohort (CV folds grouped by patient; a temporal validation trains on "
     "earlier landmarks and tests on later ones). Stops with the counts when the cohort has too few positives. Model and held-out predictions in `ml.models` / `ml.test_predictions`; "
     "parameters, metrics, data hash, features and model logged to MLflow.",
 )
 def trained_model(context: AssetExecutionContext, config: TrainingRunConfig, warehouse: DuckDBWarehouse,
                   mlflow: MLflowTracking) -> MaterializeResult:
-    with warehouse.connect() as con:
-        frame = read_feature_matrix(con)
-        spec, plan = read_feature_spec(con)
+    window = read_training_window(warehouse.batch_store(), config.window())
+    frame = window.frame
     data_hash = frame_hash(frame)
+    context.log.info(f"Training window: {window.describe()}")
     # InsufficientDataError says in numbers why the cohort cannot support a model
-    result = train(frame, TrainingConfig(**config.model_dump()), horizon_days=spec.horizon_days,
-                   data_span=plan.describe_span())
+    result = train(frame, config.training_config(), horizon_days=window.spec.horizon_days,
+                   data_span=window.plan.describe_span())
     with mlflow.start_run(run_name=f"train-{context.run_id[:8]}",
-                          tags={"dagster_run_id": context.run_id, "training_data_sha256": data_hash}) as run:
+                          tags={"dagster_run_id": context.run_id, "training_data_sha256": data_hash,
+                                "training_batches": ",".join(window.batches)}) as run:
         import mlflow as mlflow_module
 
-        log_training_run(mlflow_module, result, data_hash)
+        log_training_run(mlflow_module, result, data_hash, window_facts=window.facts)
         registry_version = log_and_register_model(mlflow_module, result, frame, mlflow.registered_model_name)
         run_id = run.info.run_id
     with warehouse.connect() as con:
-        stored = save_model(con, result, run_id, data_hash, registry_version)
+        stored = save_model(con, result, run_id, data_hash, registry_version, training_window=window.facts)
     # every new model is the challenger until the promotion gates say otherwise
     mlflow.tag_version(registry_version, {"warehouse_model_version": stored.model_version,
                                           "training_data_sha256": data_hash, "model_sha256": stored.model_sha256})
@@ -61,6 +75,8 @@ def trained_model(context: AssetExecutionContext, config: TrainingRunConfig, war
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": mlflow.tracking_uri,
         "training_data_sha256": data_hash,
+        "training_window": window.describe(),
+        "rows_by_batch": MetadataValue.json(window.facts["rows_by_batch"]),
         "model_sha256": stored.model_sha256,
         "test_auroc": result.metrics["test_auroc"],
         "baseline_test_auroc": result.metrics["baseline_test_auroc"],

@@ -6,6 +6,7 @@ from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Config
 from pydantic import Field
 
 from clinical_assets.validation import validation_report
+from clinical_ml.batches import model_window
 from clinical_ml.model_store import latest_model
 from clinical_ml.policy import current_policy
 from clinical_ml.promotion import GATE_METRICS, Approval
@@ -32,7 +33,7 @@ class PromotionConfig(Config):
     description="Champion vs challenger in the MLflow Model Registry (`hypertension-risk`). The newest model is "
     "`challenger`; it becomes `champion` only if it meets every clinical gate of the policy file and is not worse "
     "than the champion beyond the non-inferiority margin (patient-level bootstrap CI of the AUROC difference on "
-    "patients neither model trained on). A named approval can override; every decision goes into `ml.promotions` "
+    "held-out patients neither model trained on, newer batches included). A named approval can override; every decision goes into `ml.promotions` "
     "and the audit log.",
     check_specs=[*(AssetCheckSpec(name, asset="model_promotion", blocking=True,
                                   description=f"Promotion gate: {metric} meets the clinical policy")
@@ -50,7 +51,9 @@ def model_promotion(config: PromotionConfig, warehouse: DuckDBWarehouse, mlflow:
     champion = mlflow.alias_version("champion")
     with warehouse.connect() as con:
         challenger = latest_model(con)
-        decision, evidence = judge_challenger(con, challenger, champion, policy, approval)
+        store = warehouse.batch_store()
+        decision, evidence = judge_challenger(con, challenger, champion, policy,
+                                              lambda model: model_window(store, model.training_window).frame, approval)
     if decision.promote:
         mlflow.set_alias("champion", challenger.registry_version)
     record = audit_store.append({"event": "model_promotion" if decision.promote else "model_rejection",

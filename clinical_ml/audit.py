@@ -111,17 +111,13 @@ def _tables(con: duckdb.DuckDBPyConnection, schema: str) -> list[str]:
         [schema]).fetchall()]
 
 
-def collect_pipeline_facts(con: duckdb.DuckDBPyConnection) -> dict:
-    """What an audit record states about the warehouse now: hashes of inputs and outputs,
-    de-identification counts, the model (version, MLflow run, data hash), validation results
-    and the latest drift report. No identifier values: counts, hashes and codes only."""
+def batch_facts(con: duckdb.DuckDBPyConnection) -> dict:
+    """What an audit record states about one data batch (its own file): hashes of its raw input
+    and of every derived table, de-identification counts, the cohort definition. No identifier
+    values: counts, hashes and codes only."""
     # Raw content only (id and resource), not landing bookkeeping such as the landing id.
     raw_hashes = {t: table_hash(con, f"(SELECT id, resource FROM {t})") for t in _tables(con, "raw")
                   if t.split(".")[1] not in BOOKKEEPING_TABLES}
-    deid_hashes = {t: table_hash(con, t) for t in _tables(con, "deid")}
-    model = con.execute(
-        """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, metrics
-           FROM ml.models ORDER BY model_version DESC LIMIT 1""").fetchone()
     facts = {
         "inputs": {
             "raw_tables_sha256": raw_hashes,
@@ -129,19 +125,30 @@ def collect_pipeline_facts(con: duckdb.DuckDBPyConnection) -> dict:
             "lines_read": _scalar(con, "SELECT sum(lines_read) FROM raw.landing_files"),
             "lines_quarantined": _scalar(con, "SELECT count(*) FROM raw.quarantine"),
         },
-        "outputs": {
-            "deid_tables_sha256": deid_hashes,
-            "feature_matrix_sha256": table_hash(con, "features.feature_matrix"),
-        },
-        "deidentification": dict(con.execute("SELECT category, removed FROM deid.removal_counts ORDER BY category").fetchall()),
+        "outputs": {"deid_tables_sha256": {t: table_hash(con, t) for t in _tables(con, "deid")}},
     }
-    if "features.feature_spec" in _tables(con, "features"):
+    if "deid.removal_counts" in _tables(con, "deid"):
+        facts["deidentification"] = dict(con.execute(
+            "SELECT category, removed FROM deid.removal_counts ORDER BY category").fetchall())
+    if "features.feature_matrix" in _tables(con, "features"):
+        facts["outputs"]["feature_matrix_sha256"] = table_hash(con, "features.feature_matrix")
         # the cohort definition the feature matrix was drawn with (landmarks, horizon, lookback, ages)
         facts["cohort"] = orjson.loads(con.execute("SELECT to_json(s) FROM features.feature_spec s").fetchone()[0])
+    return facts
+
+
+def model_facts(con: duckdb.DuckDBPyConnection) -> dict:
+    """What an audit record states about the warehouse: the latest model (version, MLflow run,
+    data hash, training window), its validation results and the latest drift report."""
+    facts: dict = {}
+    model = con.execute(
+        """SELECT model_version, mlflow_run_id, training_data_hash, model_sha256, metrics, training_window
+           FROM ml.models ORDER BY model_version DESC LIMIT 1""").fetchone() if "ml.models" in _tables(con, "ml") else None
     if model:
         version = model[0]
         facts["model"] = {"model_version": version, "mlflow_run_id": model[1], "training_data_hash": model[2],
-                          "model_sha256": model[3], "training_metrics": orjson.loads(model[4])}
+                          "model_sha256": model[3], "training_metrics": orjson.loads(model[4]),
+                          "training_window": orjson.loads(model[5]) if model[5] else None}
         facts["validation"] = {
             metric: {"value": value, "passed": passed}
             for metric, value, passed in con.execute(

@@ -33,6 +33,14 @@ def quote_ident(name: str) -> str:
     return f'"{name}"'
 
 
+def quote_path(path) -> str:
+    """A file path as a SQL string literal, for statements that take no bound parameters (ATTACH)."""
+    text = str(path)
+    if "\x00" in text:
+        raise ValueError("a path with a NUL byte")
+    return "'" + text.replace("'", "''") + "'"
+
+
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     return con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
                        [schema, table]).fetchone()[0] > 0

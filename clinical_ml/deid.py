@@ -719,8 +719,9 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
     appear. Single name tokens and the city are identifying only next to their own patient:
     "Will", "Hope" or "Boston" in another patient's note names nobody, so they are looked for
     in the owner's rows only (their own notes, their contacts' names included)."""
-    existing = {t for (t,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [raw_schema]).fetchall()}
+    existing = {t for (t,) in con.execute(  # views too: raw tables can be views over several batch files
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? "
+        "UNION SELECT view_name FROM duckdb_views() WHERE schema_name = ?", [raw_schema, raw_schema]).fetchall()}
     contacts = "flatten(list_transform(json_list(resource->'contact'), lambda c: json_list(c->'name')))"
     unique_address = ("flatten(list_transform(json_list(resource->'address'), lambda a: list_concat(str_list(a->'line'), "
                       "list_filter([a->>'postalCode', a->>'text'], lambda x: x IS NOT NULL))))")

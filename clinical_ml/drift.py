@@ -91,15 +91,18 @@ def evidently_report(reference: pl.DataFrame, current: pl.DataFrame, features: l
     return values
 
 
-def save_drift_report(con, report_id: str, batch: str, table: pl.DataFrame) -> None:
+def save_drift_report(con, report_id: str, batch: str, table: pl.DataFrame,
+                      reference_model_version: int | None = None) -> None:
     """Append one report's rows to monitoring.drift_report (history is kept)."""
     con.execute("CREATE SCHEMA IF NOT EXISTS monitoring")
     con.execute("""CREATE TABLE IF NOT EXISTS monitoring.drift_report (
         report_id VARCHAR, created_at TIMESTAMPTZ, batch VARCHAR, feature VARCHAR, psi DOUBLE,
         ks_statistic DOUBLE, ks_pvalue DOUBLE, reference_mean DOUBLE, current_mean DOUBLE, drifted BOOLEAN)""")
+    con.execute("ALTER TABLE monitoring.drift_report ADD COLUMN IF NOT EXISTS reference_model_version INTEGER")
     con.register("drift_rows", table.to_arrow())
     con.execute(
-        """INSERT INTO monitoring.drift_report
-           SELECT ?, current_timestamp, ?, feature, psi, ks_statistic, ks_pvalue, reference_mean, current_mean, drifted
-           FROM drift_rows""", [report_id, batch])
+        """INSERT INTO monitoring.drift_report BY NAME
+           SELECT ? AS report_id, current_timestamp AS created_at, ? AS batch, feature, psi, ks_statistic, ks_pvalue,
+                  reference_mean, current_mean, drifted, ? AS reference_model_version
+           FROM drift_rows""", [report_id, batch, reference_model_version])
     con.unregister("drift_rows")

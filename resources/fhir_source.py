@@ -9,6 +9,7 @@ from typing import Callable, Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from clinical_ml.batches import BatchSource
 from clinical_ml.bulk_client import BulkDataClient, ExportRequest, ExportResult, SmartBackendAuth, smart_scope
 from clinical_ml.synthetic import CohortSpec, write_bulk_export
 from resources.settings import data_home
@@ -141,6 +142,18 @@ class FhirSource(ConfigurableResource):
             return SourceBatch(path, "replace")
         spec = CohortSpec(n_patients=self.synthetic_patients, seed=self.synthetic_seed)
         return SourceBatch(self.generate(spec), "replace")
+
+    def fetch_batch(self, source: BatchSource, log: Callable[[str], None] = lambda m: None) -> SourceBatch:
+        """What a registered batch lands: its own folder or generator settings, else this source."""
+        if source.kind == "synthetic":
+            spec = CohortSpec(n_patients=source.synthetic_patients, seed=source.synthetic_seed, drift=source.drift)
+            return SourceBatch(self.generate(spec), "replace")
+        if source.kind == "directory":
+            path = Path(source.directory)
+            if not path.is_dir():
+                raise FileNotFoundError(f"the batch's folder does not exist or is not a folder: {path}")
+            return SourceBatch(path, "replace")
+        return self.fetch(log)
 
     def generate(self, spec: CohortSpec) -> Path:
         name = f"synthetic-n{spec.n_patients}-seed{spec.seed}{'-drift' if spec.drift else ''}"

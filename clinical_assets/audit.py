@@ -6,7 +6,6 @@ from clinical_assets.drift import drift_report
 from clinical_assets.features import feature_matrix
 from clinical_assets.metadata import markdown_table
 from clinical_assets.model import trained_model
-from clinical_assets.promotion import model_promotion
 from clinical_assets.raw_fhir import raw_fhir
 from clinical_assets.validation import validation_report
 from clinical_ml.audit import batch_facts, model_facts
@@ -16,7 +15,8 @@ from resources.warehouse import DuckDBWarehouse
 
 
 @asset(
-    deps=[raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, model_promotion, drift_report],
+    # not after model_promotion: a refused challenger (a failed blocking gate) must still get its run audited
+    deps=[raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, drift_report],
     group_name="audit",
     kinds={"duckdb"},
     owners=["team:compliance"],

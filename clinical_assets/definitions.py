@@ -8,6 +8,7 @@ from clinical_assets.drift import drift_report
 from clinical_assets.features import feature_matrix
 from clinical_assets.leak_checks import DOWNSTREAM_LEAK_CHECKS
 from clinical_assets.model import trained_model
+from clinical_assets.model_card import model_card
 from clinical_assets.promotion import model_promotion
 from clinical_assets.raw_fhir import raw_fhir
 from clinical_assets.validation import validation_report
@@ -19,8 +20,8 @@ from resources.warehouse import DuckDBWarehouse
 from sensors.drift_sensor import psi_drift_sensor
 from sensors.jobs import clinical_pipeline_job, ingest_batch_job, retrain_job
 
-ASSETS = [raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, model_promotion, drift_report,
-          audit_record]
+ASSETS = [raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, model_card, model_promotion,
+          drift_report, audit_record]
 
 
 def default_resources() -> dict:

@@ -12,6 +12,7 @@ from clinical_ml.batches import downstream_identifier_leaks, model_window, read_
 from clinical_ml.drift import drift_table, evidently_report, save_drift_report
 from clinical_ml.features import MODEL_FEATURES, read_feature_matrix
 from clinical_ml.model_store import serving_model
+from clinical_ml.plots import png_markdown, psi_bar_chart_png
 from clinical_ml.policy import current_policy
 from resources.deid_key import DeidKey
 from resources.mlflow_tracking import MLflowTracking
@@ -55,7 +56,7 @@ def drift_report(context: AssetExecutionContext, warehouse: DuckDBWarehouse, mlf
     with warehouse.connect() as con:
         save_drift_report(con, report_id, batch, table, reference_model_version=model.model_version)
     leak_check = leak_check_result(downstream_identifier_leaks(
-        store, warehouse.path, ["monitoring.drift_report"], deid_key.key()), ["monitoring.drift_report"],
+        store, warehouse.path, ["monitoring.drift_report"], deid_key.key(), aggregate=True), ["monitoring.drift_report"],
         check_name="drift_report_has_no_identifiers")
     drifted = table.filter("drifted")["feature"].to_list()
     max_psi = float(table["psi"].max())
@@ -82,5 +83,6 @@ def drift_report(context: AssetExecutionContext, warehouse: DuckDBWarehouse, mlf
             "psi_by_feature": MetadataValue.json(dict(zip(table["feature"], table["psi"]))),
             "evidently_psi_by_feature": MetadataValue.json(evidently_psi),
             "drift_table": markdown_table(table),
+            "psi_chart": MetadataValue.md(png_markdown(psi_bar_chart_png(table, threshold), f"PSI per feature, {batch}")),
             "evidently_report": MetadataValue.path(str(html_path)),
         })

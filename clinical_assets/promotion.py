@@ -5,8 +5,9 @@ from typing import Optional
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from clinical_assets.validation import validation_report
+from clinical_assets.model_card import model_card
 from clinical_ml.batches import model_window
+from clinical_ml.model_card import model_card_sha256
 from clinical_ml.model_store import latest_model
 from clinical_ml.policy import current_policy
 from clinical_ml.promotion import GATE_METRICS, Approval
@@ -26,7 +27,7 @@ class PromotionConfig(Config):
 
 
 @asset(
-    deps=[validation_report],
+    deps=[model_card],
     group_name="deployment",
     kinds={"mlflow"},
     owners=["team:clinical-ml"],
@@ -54,6 +55,7 @@ def model_promotion(config: PromotionConfig, warehouse: DuckDBWarehouse, mlflow:
         store = warehouse.batch_store()
         decision, evidence = judge_challenger(con, challenger, champion, policy,
                                               lambda model: model_window(store, model.training_window).frame, approval)
+        evidence["model_card_sha256"] = model_card_sha256(con, challenger.model_version)
     if decision.promote:
         mlflow.set_alias("champion", challenger.registry_version)
     record = audit_store.append({"event": "model_promotion" if decision.promote else "model_rejection",

@@ -274,10 +274,12 @@ def model_window(store: BatchStore, training_window: dict | None) -> WindowData:
 IDENTITY_TABLES = ("patient", "practitioner", "related_person")  # the raw tables identifiers are read from
 
 
-def downstream_identifier_leaks(store: BatchStore, warehouse_path: str | Path, tables: list[str], key: bytes) -> list[dict]:
+def downstream_identifier_leaks(store: BatchStore, warehouse_path: str | Path, tables: list[str], key: bytes,
+                                aggregate: bool = False) -> list[dict]:
     """The leak scan of warehouse tables (``ml.models`` ...) against the identifiers of every
     landed batch: an in-memory connection sees the batches' identity tables as one ``raw``
-    schema and the warehouse tables under their own names, all attached read-only."""
+    schema and the warehouse tables under their own names, all attached read-only. ``aggregate``:
+    see ``find_identifier_leaks``."""
     from clinical_ml.deid import find_identifier_leaks
 
     keys = [k for k in store.keys() if store.path(k).exists()]
@@ -304,6 +306,6 @@ def downstream_identifier_leaks(store: BatchStore, warehouse_path: str | Path, t
                 present.append(table)
         if "patient" not in {t for (t,) in con.execute("SELECT view_name FROM duckdb_views() WHERE schema_name = 'raw'").fetchall()}:
             return []  # nothing landed: no identifiers to look for
-        return find_identifier_leaks(con, present, key)
+        return find_identifier_leaks(con, present, key, aggregate=aggregate)
     finally:
         con.close()

@@ -777,7 +777,7 @@ def _check_key_reproduces_patient_keys(con: duckdb.DuckDBPyConnection, tables: l
 
 
 def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key: bytes,
-                          raw_schema: str = "raw") -> list[dict]:
+                          raw_schema: str = "raw", aggregate: bool = False) -> list[dict]:
     """Scan every text column of ``tables`` for original identifier values.
 
     Returns one row per (table, column, category) with a hit count, never the values themselves,
@@ -787,12 +787,20 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
     Values scoped to a patient (name tokens, city) count only in rows of that patient (matched by
     ``patient_key``, which is why the key is needed); a table without ``patient_key`` is checked
     for the unique values only.
+
+    ``aggregate``: the tables hold figures, not records (a validation report, a model card). Values
+    without a letter (birth dates, zip codes, phone numbers) are then not looked for: in a large
+    population every calendar date is somebody's birth date and every 5-digit number a zip, so
+    they would match the landmark dates and counts such a table is made of; names, street lines,
+    e-mails and identifiers with letters still count.
     """
     register_functions(con, key, max_shift_days=365)
     findings = []
     tags = "|".join(t.lower() for t in NOTE_TAGS)
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(con, raw_schema)}")
+        if aggregate:
+            con.execute("DELETE FROM leak_ids WHERE NOT regexp_matches(value, '\\p{L}')")
         _check_key_reproduces_patient_keys(con, tables)
         for table in tables:
             schema, name = table.split(".")

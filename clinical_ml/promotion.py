@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from clinical_ml import bootstrap
 from clinical_ml.policy import PromotionRules
 
 # Validation metrics that are gates (the others in the report are reported only).
@@ -64,21 +65,14 @@ def compare(y: np.ndarray, challenger: np.ndarray, champion: np.ndarray, groups:
     """AUROC difference (challenger - champion) with a 95% bootstrap CI that resamples patients
     (``groups``), so a patient's landmarks stay together."""
     y, challenger, champion = np.asarray(y), np.asarray(challenger, float), np.asarray(champion, float)
-    patients, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    rng = np.random.default_rng(rules.bootstrap_seed)
-    differences = []
-    for _ in range(rules.bootstrap_samples):
-        # a patient drawn k times counts k times: rows weighted by their patient's draws
-        weight = np.bincount(rng.integers(0, len(patients), len(patients)), minlength=len(patients))[inverse]
-        used = weight > 0
-        if y[used].min() == y[used].max():
-            continue  # a resample with one class has no AUROC
-        differences.append(roc_auc_score(y[used], challenger[used], sample_weight=weight[used])
-                           - roc_auc_score(y[used], champion[used], sample_weight=weight[used]))
-    low, high = (np.percentile(differences, [2.5, 97.5]) if differences else (float("nan"), float("nan")))
+    # a resample with one class has no AUROC (NaN), and percentile_ci leaves it out
+    differences = np.concatenate([
+        bootstrap.auroc(y, challenger, weights) - bootstrap.auroc(y, champion, weights)
+        for weights in bootstrap.patient_resamples(groups, rules.bootstrap_samples, rules.bootstrap_seed)])
+    low, high = bootstrap.percentile_ci(differences)
     a, b = float(roc_auc_score(y, challenger)), float(roc_auc_score(y, champion))
-    return Comparison(rows=len(y), patients=len(patients), challenger_auroc=a, champion_auroc=b, difference=a - b,
-                      ci_low=float(low), ci_high=float(high), margin=rules.non_inferiority_margin)
+    return Comparison(rows=len(y), patients=len(np.unique(np.asarray(groups))), challenger_auroc=a, champion_auroc=b,
+                      difference=a - b, ci_low=low, ci_high=high, margin=rules.non_inferiority_margin)
 
 
 def decide(gates: dict[str, bool], comparison: Comparison | None, has_champion: bool,

@@ -3,7 +3,8 @@ from dagster import AssetSelection, define_asset_job
 ALL_ASSETS = AssetSelection.all()
 BATCH_ASSETS = AssetSelection.assets("raw_fhir", "deidentified_fhir", "feature_matrix")
 # Everything trained and judged on the window of landed batches (not partitioned).
-MODEL_ASSETS = AssetSelection.assets("trained_model", "validation_report", "model_promotion", "audit_record")
+MODEL_ASSETS = AssetSelection.assets("trained_model", "validation_report", "model_card", "model_promotion",
+                                     "audit_record")
 
 clinical_pipeline_job = define_asset_job(
     "clinical_pipeline",

@@ -13,7 +13,9 @@ from dagster import AssetKey, DagsterInstance
 
 from bulk_data_server import BulkDataServer
 from bulk_data_server.server import RateLimit
+from clinical_assets.batches import register_batch
 from clinical_assets.definitions import build_definitions
+from clinical_ml.batches import BatchSource
 from clinical_ml.bulk_client import BulkDataClient, BulkDataError, ExportRequest, SmartBackendAuth, jwks_document, main
 from clinical_ml.ingest import export_completeness, land_ndjson
 from resources.audit_store import AuditStore
@@ -94,10 +96,12 @@ def run_graph(tmp_path: Path, server: BulkDataServer, **source_settings):
     }
     defs = build_definitions(resources)
     job = defs.resolve_job_def("clinical_pipeline")
+    instance = DagsterInstance.ephemeral()
+    batch = register_batch(instance, warehouse, BatchSource(), "bulk")  # the configured source: the server
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STRICT_TEST_KEY", "strict-server-test-key-0123456789")
         mp.setenv("CLINICAL_DEMO_MODE", "1")
-        return job.execute_in_process(instance=DagsterInstance.ephemeral(), raise_on_error=False,
+        return job.execute_in_process(instance=instance, raise_on_error=False, partition_key=batch,
                                       asset_selection=[AssetKey("raw_fhir"), AssetKey("deidentified_fhir")])
 
 
@@ -111,7 +115,7 @@ def test_a_partial_export_fails_the_blocking_check_and_stops_the_graph(tmp_path)
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["export_complete"]
     assert not check.passed and check.severity.value == "ERROR"
     assert "Condition 1, MedicationRequest 1" in check.description
-    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
+    con = duckdb.connect(str(tmp_path / "warehouse-batches" / "b0001-bulk.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM raw.export_errors").fetchone()[0] == 2  # the errors are kept
 
 
@@ -322,7 +326,7 @@ def test_an_incomplete_export_moves_no_watermark_and_is_refused_later(tmp_path):
     # a later run of de-identification alone refuses the incomplete landing too
     from clinical_ml.ingest import IncompleteExportError, refuse_incomplete_export
 
-    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
+    con = duckdb.connect(str(tmp_path / "warehouse-batches" / "b0001-bulk.duckdb"), read_only=True)
     with pytest.raises(IncompleteExportError, match="Condition 1"):
         refuse_incomplete_export(con)
 

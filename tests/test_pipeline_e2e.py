@@ -8,7 +8,10 @@ import mlflow
 import pytest
 from dagster import AssetKey, DagsterInstance, build_sensor_context
 
+from clinical_assets.batches import register_batch
 from clinical_assets.definitions import build_definitions
+from clinical_assets.drift_loop import run_drift_loop
+from clinical_ml.batches import BatchSource
 from clinical_assets.validation import VALIDATION_CHECKS
 from resources.audit_store import AuditStore
 from resources.deid_key import DeidKey
@@ -19,8 +22,8 @@ from sensors.drift_sensor import psi_drift_sensor
 
 pytestmark = pytest.mark.slow
 
-SMALL_BATCH = {"ops": {"drift_report": {"config": {"synthetic_patients": 300}}}}
-DRIFTED_BATCH = {"ops": {"drift_report": {"config": {"synthetic_patients": 300, "drift": True}}}}
+INITIAL = BatchSource(kind="synthetic", synthetic_patients=700, synthetic_seed=42)
+DRIFTED = BatchSource(kind="synthetic", synthetic_patients=300, synthetic_seed=7, drift=True)
 
 
 class Pipeline:
@@ -39,11 +42,16 @@ class Pipeline:
         self.defs = build_definitions(self.resources)
         self.instance = DagsterInstance.ephemeral()
 
+    def register(self, source: BatchSource, label: str) -> str:
+        return register_batch(self.instance, self.warehouse, source, label)
+
     def run(self, job: str, run_config=None, **kwargs):
         return self.defs.resolve_job_def(job).execute_in_process(instance=self.instance, run_config=run_config, **kwargs)
 
-    def sql(self, query, params=None):
-        con = duckdb.connect(self.warehouse.path, read_only=True)
+    def sql(self, query, params=None, batch: str | None = None):
+        """On the warehouse, or on a batch's own file."""
+        path = self.warehouse.batch_store().path(batch) if batch else self.warehouse.path
+        con = duckdb.connect(str(path), read_only=True)
         try:
             return con.execute(query, params or []).fetchall()
         finally:
@@ -60,7 +68,8 @@ def pipeline(tmp_path_factory):
         mp.setenv("E2E_DEID_KEY", "e2e-test-key-0123456789abcdef")
         mp.setenv("CLINICAL_HOME", str(tmp_path_factory.mktemp("home")))  # drift HTML reports
         p = Pipeline(tmp_path_factory.mktemp("pipeline"))
-        p.first = p.run("clinical_pipeline", SMALL_BATCH)
+        p.batch = p.register(INITIAL, "initial")
+        p.first = p.run("clinical_pipeline", partition_key=p.batch)
         yield p
 
 
@@ -68,13 +77,16 @@ def test_whole_graph_materializes(pipeline):
     assert pipeline.first.success
     materialized = {e.asset_key.to_user_string() for e in pipeline.first.get_asset_materialization_events()}
     assert materialized == {"raw_fhir", "deidentified_fhir", "feature_matrix", "trained_model",
-                            "validation_report", "model_promotion", "drift_report", "audit_record"}
+                            "validation_report", "model_card", "model_promotion", "drift_report", "audit_record"}
 
 
 def test_raw_landing_reconciles(pipeline):
     md = pipeline.latest_metadata("raw_fhir")
     assert md["lines_read"] == md["loaded"] + md["quarantined"] and md["quarantined"] == 0
-    assert pipeline.sql("SELECT count(*) FROM raw.patient")[0][0] == 700
+    assert pipeline.batch == "b0001-initial" and md["batch"] == pipeline.batch
+    assert pipeline.sql("SELECT count(*) FROM raw.patient", batch=pipeline.batch)[0][0] == 700
+    # the batch's PHI lives in its own file: the warehouse proper holds no raw schema
+    assert pipeline.sql("SELECT count(*) FROM duckdb_tables() WHERE schema_name IN ('raw', 'deid')")[0][0] == 0
 
 
 def test_identifier_checks_pass_and_no_phi_reaches_logs_or_mlflow(pipeline):
@@ -96,7 +108,8 @@ def test_identifier_checks_pass_and_no_phi_reaches_logs_or_mlflow(pipeline):
 def test_feature_matrix_and_model_are_recorded(pipeline):
     fm = pipeline.latest_metadata("feature_matrix")
     rows, patients, landmarks = pipeline.sql(
-        "SELECT count(*), count(DISTINCT patient_key), count(DISTINCT landmark_date) FROM features.feature_matrix")[0]
+        "SELECT count(*), count(DISTINCT patient_key), count(DISTINCT landmark_date) FROM features.feature_matrix",
+        batch=pipeline.batch)[0]
     assert (fm["rows"], fm["patients"], fm["landmarks"]) == (rows, patients, landmarks)
     assert rows > patients > 200 and landmarks >= 3 and fm["landmarks_derived_from_data"]
     assert "landmark_date" in fm["landmark_table"] and "positives" in fm["landmark_table"]
@@ -108,9 +121,11 @@ def test_feature_matrix_and_model_are_recorded(pipeline):
     assert run.info.status == "FINISHED"  # every MLflow run is closed
     assert run.data.metrics["test_auroc"] == pytest.approx(model["test_auroc"])
     assert "validation_auroc" in run.data.metrics
-    assert run.data.params["iterations"] == "400" and run.data.tags["training_data_sha256"] == fm["data_sha256"]
+    # one batch in the window: the training data is that batch's feature matrix (with its batch key)
+    assert run.data.tags["training_batches"] == pipeline.batch and model["training_window"].startswith("1 batch(es)")
+    assert run.data.params["iterations"] == "400" and run.data.tags["training_data_sha256"] == model["training_data_sha256"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert "features.json" in artifacts
+    assert {"features.json", "training_window.json"} <= artifacts
     assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'").shape[0] == 1
 
 
@@ -138,55 +153,47 @@ def test_validation_checks_are_the_report(pipeline):
     assert report["auroc"][0] == pytest.approx(pipeline.latest_metadata("validation_report")["auroc"])
 
 
-def test_undrifted_batch_keeps_the_sensor_quiet(pipeline):
+def test_a_batch_compared_with_the_data_it_trained_keeps_the_sensor_quiet(pipeline):
     md = pipeline.latest_metadata("drift_report")
+    assert md["batch"] == pipeline.batch and md["batch_in_reference"] and md["reference_model_version"] == 1
     assert md["max_psi"] < 0.2 and md["drifted_features"] == [] and md["psi_threshold"] == 0.2
+    assert "data:image/png;base64," in md["psi_chart"]
     assert {e.check_name: e.passed for e in pipeline.first.get_asset_check_evaluations()}["psi_within_policy"]
     assert Path(md["evidently_report"]).stat().st_size > 100_000
     result = psi_drift_sensor.evaluate_tick(build_sensor_context(instance=pipeline.instance, definitions=pipeline.defs))
     assert result.run_requests == [] and result.skip_message
 
 
-def test_drifted_batch_requests_one_retrain_and_retraining_works(pipeline):
-    context = build_sensor_context(instance=pipeline.instance, definitions=pipeline.defs)
-    psi_drift_sensor.evaluate_tick(context)  # consume the undrifted report
-    cursor = context.cursor
+def test_a_drifted_batch_triggers_a_retrain_that_learns_from_it(pipeline):
+    before = pipeline.sql("SELECT training_data_hash, model_sha256 FROM ml.models WHERE model_version = 1")[0]
+    report = run_drift_loop(pipeline.defs, pipeline.instance, DRIFTED)
+    assert report.batch == "b0002-drifted" and report.psi_before > 0.2 and report.retrain_requested
+    drift = pipeline.latest_metadata("drift_report")
+    assert drift["batch"] == report.batch and not drift["batch_in_reference"] and "sbp_mean_3y" in drift["drifted_features"]
+    # the retrain trained on a window that includes the drifted batch: other data, other model
+    challenger = report.challenger
+    assert challenger.model_version == 2 and challenger.batches == ["b0001-initial", "b0002-drifted"]
+    assert (challenger.training_data_hash, challenger.model_sha256) != before
+    assert pipeline.latest_metadata("trained_model")["rows_by_batch"]["b0002-drifted"] > 0
+    # the batch the challenger learnt from drifts less against its training data than against the old one
+    assert report.psi_against_challenger < report.psi_before
 
-    drifted = pipeline.run("clinical_pipeline", DRIFTED_BATCH, asset_selection=[AssetKey("drift_report")])
-    assert drifted.success
-    md = pipeline.latest_metadata("drift_report")
-    assert md["max_psi"] > 0.2 and "sbp_mean_3y" in md["drifted_features"]
-    # the report, its check and the sensor (below) judge by the same policy threshold
-    assert not {e.check_name: e.passed for e in drifted.get_asset_check_evaluations()}["psi_within_policy"]
-
-    tick = psi_drift_sensor.evaluate_tick(build_sensor_context(
-        instance=pipeline.instance, definitions=pipeline.defs, cursor=cursor))
-    assert len(tick.run_requests) == 1 and psi_drift_sensor.job_name == "retrain"
-    again = psi_drift_sensor.evaluate_tick(build_sensor_context(
-        instance=pipeline.instance, definitions=pipeline.defs, cursor=cursor))
-    assert again.run_requests[0].run_key == tick.run_requests[0].run_key  # same report, same run key
-    assert psi_drift_sensor.evaluate_tick(build_sensor_context(
-        instance=pipeline.instance, definitions=pipeline.defs, cursor=tick.cursor)).run_requests == []
-
-    retrain = pipeline.run("retrain", tags=tick.run_requests[0].tags)
-    assert retrain.success
-    assert pipeline.latest_metadata("trained_model")["model_version"] == 2
-    audit = pipeline.sql("SELECT sequence, previous_hash, record_hash, body->>'event' FROM audit.audit_log ORDER BY sequence")
-    assert [r[0] for r in audit] == [1, 2, 3, 4] and all(b[1] == a[2] for a, b in zip(audit, audit[1:]))
-    # per run: the promotion decision and the run's record (in either order: independent branches)
-    assert sorted(map(str, (r[3] for r in audit))) == ["None", "None", "model_promotion", "model_promotion"]
-    body = json.loads(pipeline.sql("SELECT body FROM audit.audit_log WHERE body->>'event' IS NULL "
-                                   "ORDER BY sequence DESC LIMIT 1")[0][0])
-    assert body["model"]["model_version"] == 2 and body["dagster_run_id"] == retrain.run_id
-    # same data, same seed, same model: non-inferior, so the registry's champion moved to it
+    # the registry's aliases are the promotion decision
     mlflow.set_tracking_uri(pipeline.tracking_uri)
     client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias("hypertension-risk", "champion")
-    assert str(champion.version) == "2" and champion.tags["warehouse_model_version"] == "2"
     assert str(client.get_model_version_by_alias("hypertension-risk", "challenger").version) == "2"
-    decision = json.loads(pipeline.sql("SELECT body FROM audit.audit_log WHERE body->>'event' = 'model_promotion' "
-                                       "ORDER BY sequence DESC LIMIT 1")[0][0])
-    assert decision["decision"]["comparison"]["difference"] == 0.0 and decision["decision"]["promote"]
-    # same data, same seed: the retrained model is the same model
-    hashes = pipeline.sql("SELECT DISTINCT model_sha256, training_data_hash FROM ml.models")
-    assert len(hashes) == 1
+    champion = client.get_model_version_by_alias("hypertension-risk", "champion")
+    (promoted, reasons), = pipeline.sql("SELECT promoted, reasons FROM ml.promotions WHERE model_version = 2")
+    assert promoted == report.promoted and str(champion.version) == ("2" if promoted else "1")
+    assert report.champion_after.model_version == (2 if promoted else 1)
+    if not promoted:
+        assert json.loads(reasons) == report.reasons and report.reasons
+
+    audit = pipeline.sql("SELECT sequence, previous_hash, record_hash, body->>'event' FROM audit.audit_log ORDER BY sequence")
+    assert all(b[1] == a[2] for a, b in zip(audit, audit[1:]))
+    assert [r[3] for r in audit].count("model_promotion" if promoted else "model_rejection") >= 1
+    body = json.loads(pipeline.sql("SELECT body FROM audit.audit_log WHERE body->>'event' IS NULL "
+                                   "ORDER BY sequence DESC LIMIT 1")[0][0])
+    # the run's audit record ties the model to the hashes of every batch it trained on
+    assert body["model"]["model_version"] == 2 and set(body["batches"]) == {"b0001-initial", "b0002-drifted"}
+    assert body["model"]["training_data_hash"] == challenger.training_data_hash

@@ -8,7 +8,7 @@ import pytest
 from dagster import AssetKey
 
 from clinical_ml.policy import DEFAULT_POLICY_FILE
-from tests.test_pipeline_e2e import SMALL_BATCH, Pipeline
+from tests.test_pipeline_e2e import INITIAL, Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,8 @@ def test_a_failing_challenger_is_refused_and_an_approval_is_recorded(tmp_path, m
     monkeypatch.setenv("E2E_DEID_KEY", "e2e-test-key-0123456789abcdef")
     monkeypatch.setenv("CLINICAL_HOME", str(tmp_path / "home"))
     p = Pipeline(tmp_path / "pipeline")
-    refused = p.run("clinical_pipeline", SMALL_BATCH, raise_on_error=False)
+    batch = p.register(INITIAL, "initial")
+    refused = p.run("clinical_pipeline", partition_key=batch, raise_on_error=False)
     failed = [e.step_key for e in refused.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failed == ["model_promotion"]
     gates = {e.check_name: e for e in refused.get_asset_check_evaluations() if e.asset_key == AssetKey("model_promotion")}
@@ -33,7 +34,7 @@ def test_a_failing_challenger_is_refused_and_an_approval_is_recorded(tmp_path, m
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias("hypertension-risk", "champion")  # nothing serves
 
-    approved = p.run("clinical_pipeline", APPROVAL, asset_selection=[AssetKey("model_promotion")], raise_on_error=False)
+    approved = p.run("retrain", APPROVAL, asset_selection=[AssetKey("model_promotion")], raise_on_error=False)
     assert str(client.get_model_version_by_alias("hypertension-risk", "champion").version) == "1"
     md = p.latest_metadata("model_promotion")
     assert md["promoted"] is True and "approved by dr.okafor (CMIO)" in md["reasons"]

@@ -12,6 +12,7 @@ import pytest
 from dagster import AssetKey
 
 from tests.conftest import shared_sample
+from clinical_ml.batches import BatchSource
 from tests.test_pipeline_e2e import Pipeline
 
 pytestmark = pytest.mark.slow
@@ -39,13 +40,17 @@ def real_1461(tmp_path_factory):
         mp.setenv("E2E_DEID_KEY", "real-data-e2e-key-0123456789abcdef")
         mp.delenv("CLINICAL_DEMO_MODE", raising=False)
         mp.setenv("CLINICAL_HOME", str(tmp_path_factory.mktemp("home")))
-        p = Pipeline(tmp_path_factory.mktemp("real"), ndjson_dir=str(shared_sample("synthea-stu3-1461p")))
-        batch = {"ops": {"drift_report": {"config": {"ndjson_dir": str(shared_sample("synthea-2019-40p"))}}}}
-        p.adult = p.run("clinical_pipeline", batch, raise_on_error=False)
+        p = Pipeline(tmp_path_factory.mktemp("real"))
+        p.batch = p.register(BatchSource(kind="directory", directory=str(shared_sample("synthea-stu3-1461p"))), "1461p")
+        p.adult = p.run("clinical_pipeline", partition_key=p.batch, raise_on_error=False)
         p.adult_features = p.latest_metadata("feature_matrix")
-        p.adult_landmarks_with_rows = p.sql("SELECT count(DISTINCT landmark_date) FROM features.feature_matrix")[0][0]
-        all_ages = {"ops": {**batch["ops"], "feature_matrix": {"config": {"min_age": 0}}}}
-        p.all_ages = p.run("clinical_pipeline", all_ages, raise_on_error=False)
+        p.adult_landmarks_with_rows = p.sql("SELECT count(DISTINCT landmark_date) FROM features.feature_matrix",
+                                            batch=p.batch)[0][0]
+        all_ages = {"ops": {"feature_matrix": {"config": {"min_age": 0}}}}
+        p.all_ages = p.run("clinical_pipeline", all_ages, partition_key=p.batch, raise_on_error=False)
+        # a second real export arrives as its own batch and is compared with the model's training data
+        p.second = p.register(BatchSource(kind="directory", directory=str(shared_sample("synthea-2019-40p"))), "40p")
+        p.ingest = p.run("ingest_batch", all_ages, partition_key=p.second, raise_on_error=False)
         yield p
 
 
@@ -65,16 +70,18 @@ def test_adult_cohort_stops_at_training_with_the_numbers(real_1461):
 def test_raw_and_deidentified_tables_are_complete(real_1461):
     raw = real_1461.latest_metadata("raw_fhir")
     assert raw["lines_read"] == raw["loaded"] and raw["quarantined"] == 0
-    assert real_1461.sql("SELECT count(*) FROM raw.patient")[0][0] == 1461
+    assert real_1461.sql("SELECT count(*) FROM raw.patient", batch=real_1461.batch)[0][0] == 1461
     checks = {e.check_name: e.passed for e in real_1461.adult.get_asset_check_evaluations()}
     assert checks["lines_reconcile"] and checks["deidentified_fhir_has_no_identifiers"]
     assert checks["feature_matrix_has_no_identifiers"]
     # every MedicationRequest names its drug through medicationReference: all resolved
     resolved, total = real_1461.sql(
-        "SELECT count(rxnorm_code), count(*) FROM deid.medication_request WHERE medication_source = 'reference'")[0]
+        "SELECT count(rxnorm_code), count(*) FROM deid.medication_request WHERE medication_source = 'reference'",
+        batch=real_1461.batch)[0]
     assert total == 5580 and resolved == total
     assert real_1461.latest_metadata("deidentified_fhir")["medication_references_unresolved"] == 0
-    classes = dict(real_1461.sql("SELECT encounter_class, count(*) FROM deid.encounter GROUP BY ALL"))
+    classes = dict(real_1461.sql("SELECT encounter_class, count(*) FROM deid.encounter GROUP BY ALL",
+                                 batch=real_1461.batch))
     assert classes["AMB"] > 15000 and classes["EMER"] > 500 and classes["IMP"] > 100
 
 
@@ -82,14 +89,15 @@ def test_features_on_real_data_carry_signal_from_every_source(real_1461):
     means = dict(real_1461.sql("""SELECT 'on_statin', avg(on_statin) FROM features.feature_matrix UNION ALL
                                   SELECT 'n_distinct_medications', avg(n_distinct_medications) FROM features.feature_matrix
                                   UNION ALL SELECT 'sbp_last', avg(sbp_last) FROM features.feature_matrix UNION ALL
-                                  SELECT 'ed_visits_3y', avg(ed_visits_3y) FROM features.feature_matrix"""))
+                                  SELECT 'ed_visits_3y', avg(ed_visits_3y) FROM features.feature_matrix""",
+                                 batch=real_1461.batch))
     assert means["n_distinct_medications"] > 0.3 and means["ed_visits_3y"] > 0
     assert 100 < means["sbp_last"] < 140
 
 
 def test_all_ages_cohort_runs_every_asset_to_the_audit_record(real_1461):
     result = real_1461.all_ages
-    assert materialized(result) == BEFORE_TRAINING | {"trained_model", "validation_report", "model_promotion",
+    assert materialized(result) == BEFORE_TRAINING | {"trained_model", "validation_report", "model_card", "model_promotion",
                                                       "drift_report", "audit_record"}
     # the model fails clinical gates, so the promotion's blocking gates fail the run (and only them)
     failed = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -102,17 +110,26 @@ def test_all_ages_cohort_runs_every_asset_to_the_audit_record(real_1461):
     report = dict((m, v) for m, v in real_1461.sql(
         "SELECT metric, value FROM ml.validation_report WHERE model_version = ?", [model["model_version"]]))
     assert {"auroc", "temporal_test_auroc", "subgroup_auroc_gap"} <= set(report)
-    drift = real_1461.latest_metadata("drift_report")
-    assert drift["current_patients"] > 0 and drift["max_psi"] >= 0
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert all(checks[name] for name in checks if name.endswith("_has_no_identifiers"))
     assert checks["audit_chain_intact"]
     body = json.loads(real_1461.sql("SELECT body FROM audit.audit_log WHERE body->>'event' IS NULL ORDER BY sequence DESC LIMIT 1")[0][0])
     assert body["model"]["model_version"] == model["model_version"]
-    assert body["cohort"]["min_age"] == 0 and len(body["cohort"]["landmarks"]) == 10
+    cohort = body["batches"][real_1461.batch]["cohort"]
+    assert cohort["min_age"] == 0 and len(cohort["landmarks"]) == 10
     rejection = json.loads(real_1461.sql("SELECT body FROM audit.audit_log WHERE body->>'event' = 'model_rejection'")[0][0])
     assert rejection["decision"]["promote"] is False and rejection["evidence"]["challenger"]["model_sha256"]
     assert real_1461.instance.get_latest_materialization_event(AssetKey("audit_record")) is not None
+
+
+def test_a_second_real_export_lands_as_its_own_batch_and_is_checked_for_drift(real_1461):
+    assert real_1461.ingest.success
+    assert materialized(real_1461.ingest) == BEFORE_TRAINING | {"drift_report"}
+    drift = real_1461.latest_metadata("drift_report")
+    assert drift["batch"] == real_1461.second and not drift["batch_in_reference"]
+    assert drift["reference_batches"] == [real_1461.batch] and drift["current_rows"] > 0 and drift["max_psi"] >= 0
+    assert real_1461.sql("SELECT count(*) FROM raw.patient", batch=real_1461.second)[0][0] == 40
+    assert real_1461.sql("SELECT count(*) FROM raw.patient", batch=real_1461.batch)[0][0] == 1461  # untouched
 
 
 @pytest.mark.parametrize("sample", ["synthea-bulk-10p", "synthea-2019-40p"])
@@ -120,8 +137,9 @@ def test_small_real_sets_stop_after_features_with_the_numbers(tmp_path, monkeypa
     monkeypatch.setenv("E2E_DEID_KEY", "real-data-e2e-key-0123456789abcdef")
     monkeypatch.delenv("CLINICAL_DEMO_MODE", raising=False)
     monkeypatch.setenv("CLINICAL_HOME", str(tmp_path / "home"))
-    p = Pipeline(tmp_path, ndjson_dir=str(shared_sample(sample)))
-    result = p.run("clinical_pipeline", raise_on_error=False)
+    p = Pipeline(tmp_path)
+    batch = p.register(BatchSource(kind="directory", directory=str(shared_sample(sample))), sample)
+    result = p.run("clinical_pipeline", partition_key=batch, raise_on_error=False)
     assert materialized(result) == BEFORE_TRAINING
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["deidentified_fhir_has_no_identifiers"] and checks["feature_matrix_has_no_identifiers"]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: install demo test dev dagster-home
+.PHONY: install demo demo-drift test dev dagster-home
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: install dagster-home
 	$(BIN)/dagster job execute -m clinical_assets.definitions -a defs -j clinical_pipeline \
 		--tags "{\"dagster/partition\": \"$$batch\"}" && \
 	$(BIN)/python -m clinical_assets.summary
+
+# After `make demo`: a drifted batch arrives, psi_drift_sensor requests the retrain, the challenger
+# (trained on a window that includes the batch) is judged against the champion; prints before/after.
+demo-drift: install dagster-home
+	CLINICAL_DEMO_MODE=1 $(BIN)/python -m clinical_assets.drift_loop
 
 # Install, then run the whole test suite (slow suites included).
 test: install

@@ -19,6 +19,7 @@ from dagster import DagsterInstance, Definitions, build_sensor_context
 
 from clinical_assets.batches import register_batch
 from clinical_ml.batches import BatchSource, model_window, read_only
+from clinical_ml.db import table_exists
 from clinical_ml.drift import drift_table
 from clinical_ml.features import MODEL_FEATURES, read_feature_matrix
 from clinical_ml.model_store import StoredModel, latest_model, serving_model
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from clinical_assets.definitions import defs
 
+    with defs.resources["warehouse"].connect() as con:
+        if not table_exists(con, "ml", "models"):
+            raise SystemExit("no model yet: run `make demo` first (the loop needs a model in service to drift from)")
     source = BatchSource(kind="synthetic", synthetic_patients=args.patients, synthetic_seed=args.seed,
                          drift=not args.no_drift)
     print(format_report(run_drift_loop(defs, DagsterInstance.get(), source, "undrifted" if args.no_drift else "drifted")))

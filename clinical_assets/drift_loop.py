@@ -63,6 +63,7 @@ class LoopReport:
     psi_against_challenger: float | None = None
     promoted: bool | None = None
     reasons: list[str] = field(default_factory=list)
+    comparison: str = ""  # the challenger against the champion on held-out patients neither trained on
 
 
 def batch_max_psi(warehouse: DuckDBWarehouse, batch: str, model: StoredModel) -> float:
@@ -104,8 +105,10 @@ def run_drift_loop(defs: Definitions, instance: DagsterInstance, source: BatchSo
         run_config=QUIET)
     with warehouse.connect() as con:
         challenger = latest_model(con)
-        decision = con.execute("SELECT promoted, reasons FROM ml.promotions WHERE model_version = ? "
+        decision = con.execute("SELECT promoted, reasons, audit_sequence FROM ml.promotions WHERE model_version = ? "
                                "ORDER BY decided_at DESC LIMIT 1", [challenger.model_version]).fetchone()
+        evidence = con.execute("SELECT body->'evidence'->>'comparison' FROM audit.audit_log WHERE sequence = ?",
+                               [decision[2]]).fetchone() if decision else None
     report.challenger = ModelSnapshot.of(warehouse, challenger)
     report.champion_after = ModelSnapshot.of(warehouse, _serving(warehouse, mlflow))
     report.psi_against_challenger = batch_max_psi(warehouse, batch, challenger)
@@ -113,6 +116,7 @@ def run_drift_loop(defs: Definitions, instance: DagsterInstance, source: BatchSo
         import orjson
 
         report.promoted, report.reasons = bool(decision[0]), list(orjson.loads(decision[1]))
+        report.comparison = evidence[0] if evidence else ""
     elif not retrain.success:
         report.reasons = [f"the retrain run {retrain.run_id} failed before a promotion decision"]
     return report
@@ -137,7 +141,8 @@ def format_report(report: LoopReport) -> str:
                   f"; batch {report.batch} {'is' if report.batch in report.challenger.batches else 'is NOT'} in its training data",
                   f"drift after      max PSI {report.psi_against_challenger:.3f} against the challenger's training data",
                   f"promotion        {'promoted to champion' if report.promoted else 'not promoted'}"
-                  + "".join(f"\n{'':<17}- {r}" for r in report.reasons),
+                  + "".join(f"\n{'':<17}- {r}" for r in report.reasons)
+                  + (f"\n{'':<17}- {report.comparison}" if report.comparison else ""),
                   _model_line("champion now", report.champion_after)]
     return "\n".join(lines)
 

@@ -186,6 +186,8 @@ def test_a_drifted_batch_triggers_a_retrain_that_learns_from_it(pipeline):
     (promoted, reasons), = pipeline.sql("SELECT promoted, reasons FROM ml.promotions WHERE model_version = 2")
     assert promoted == report.promoted and str(champion.version) == ("2" if promoted else "1")
     assert report.champion_after.model_version == (2 if promoted else 1)
+    # both models scored on held-out patients neither trained on, the drifted batch's among them
+    assert "neither trained on" in report.comparison and "from batches newer than the champion's" in report.comparison
     if not promoted:
         assert json.loads(reasons) == report.reasons and report.reasons
 

@@ -62,6 +62,10 @@ def model_promotion(config: PromotionConfig, warehouse: DuckDBWarehouse, mlflow:
                                  "policy_version": policy.version, "decision": decision.as_dict(), "evidence": evidence})
     with warehouse.connect() as con:
         save_decision(con, challenger, decision, policy.version, record.sequence)
+    # the registry version names its audit record: a served prediction traces to it without the warehouse
+    mlflow.tag_version(challenger.registry_version, {
+        "promotion_decision": "promoted" if decision.promote else "rejected", "policy_version": policy.version,
+        "audit_sequence": record.sequence, "audit_record_hash": record.record_hash})
     comparison = decision.comparison
     serving = challenger.registry_version if decision.promote else (champion.version if champion else None)
     return MaterializeResult(

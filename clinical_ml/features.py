@@ -154,10 +154,15 @@ def classify_mentions(con: duckdb.DuckDBPyConnection, texts: list[str]) -> list[
     return [row[0] for row in rel.fetchall()]
 
 
-def build_feature_matrix_sql(schema: str = "deid") -> str:
+def build_feature_matrix_sql(schema: str = "deid", scoring: bool = False) -> str:
     """The landmark feature matrix as one statement. Parameters: ``$landmarks`` (DATE[]),
-    ``$horizon_days``, ``$lookback_days``, ``$min_age``."""
+    ``$horizon_days``, ``$lookback_days``, ``$min_age``.
+
+    ``scoring=True`` is the same statement for a patient scored now (the service): the future
+    is not known yet, so the censoring rule (observed through the horizon) is left out and the
+    label means nothing. Every feature is computed by the same SQL either way."""
     s = quote_ident(schema)
+    censoring = "" if scoring else "AND s.last_encounter >= l.landmark_date + to_days($horizon_days)"
     dx_cols = ",\n".join(f"bool_or({cond})::INTEGER AS {name}" for name, cond in DIAGNOSIS_FLAGS.items())
     statins = sql_literal_list(codes.STATIN_RXNORM)
     smokers = sql_literal_list(codes.CURRENT_SMOKER_SNOMED)
@@ -201,7 +206,7 @@ def build_feature_matrix_sql(schema: str = "deid") -> str:
         WHERE (p.death_date IS NULL OR p.death_date > l.landmark_date)
           AND (h.htn_onset IS NULL OR h.htn_onset > l.landmark_date) AND NOT coalesce(h.htn_undated, false)
           -- censoring: observed through the horizon, else unknown (left out), whatever the outcome
-          AND s.last_encounter >= l.landmark_date + to_days($horizon_days)
+          {censoring}
     ),
     enc AS (
         SELECT x.patient_key, x.landmark_date,
@@ -331,9 +336,20 @@ def build_feature_matrix(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, sour
                          plan: LandmarkPlan | None = None) -> pl.DataFrame:
     """Compute and validate the feature matrix (not written anywhere)."""
     plan = plan or resolve_landmarks(con, spec, source_schema)
-    frame = con.execute(build_feature_matrix_sql(source_schema), {
-        "landmarks": list(plan.landmarks), "horizon_days": int(spec.horizon_days),
-        "lookback_days": int(spec.lookback_days), "min_age": int(spec.min_age)}).pl()
+    return _features(con, build_feature_matrix_sql(source_schema), list(plan.landmarks), spec)
+
+
+def scoring_features(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, landmark: date,
+                     source_schema: str = "deid") -> pl.DataFrame:
+    """Features of every eligible patient in ``source_schema`` at ``landmark`` (de-identified
+    time), as a model in service sees them: no censoring, no label. Empty when nobody is
+    eligible (under ``min_age``, already diagnosed, no encounter in the lookback window)."""
+    return _features(con, build_feature_matrix_sql(source_schema, scoring=True), [landmark], spec).drop("label")
+
+
+def _features(con: duckdb.DuckDBPyConnection, sql: str, landmarks: list[date], spec: FeatureSpec) -> pl.DataFrame:
+    frame = con.execute(sql, {"landmarks": landmarks, "horizon_days": int(spec.horizon_days),
+                              "lookback_days": int(spec.lookback_days), "min_age": int(spec.min_age)}).pl()
     return FeatureMatrixSchema.validate(frame, lazy=True)
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import duckdb
+import numpy as np
 import orjson
 
 from clinical_ml.db import table_exists, transaction
@@ -95,6 +96,7 @@ def build_model_card(con: duckdb.DuckDBPyConnection, model_version: int, *, poli
             "features": {"names": model["feature_names"],
                          "rule": "computed only from data dated strictly before the landmark"},
             "metrics": metrics,
+            "operating_point": _operating_point(con, model_version),
             "training_metrics": model["metrics"],
             "subgroups": subgroups,
             "gates": _gates(metrics, policy),
@@ -278,6 +280,19 @@ def _provenance(source: duckdb.DuckDBPyConnection) -> dict:
     return {"date_mode": date_mode, "patients": patients, "synthetic_patients": synthetic}
 
 
+def _operating_point(con: duckdb.DuckDBPyConnection, model_version: int) -> dict | None:
+    """Where the model alerts: the threshold at the gate's specificity on its held-out patients."""
+    from clinical_ml.validation import operating_point
+
+    if not table_exists(con, "ml", "test_predictions"):
+        return None
+    y, score = con.execute("SELECT list(y_true ORDER BY patient_key, landmark_date), list(score ORDER BY patient_key, "
+                           "landmark_date) FROM ml.test_predictions WHERE model_version = ?", [model_version]).fetchone()
+    if not y or len(set(y)) < 2:
+        return None
+    return operating_point(np.asarray(y), np.asarray(score))
+
+
 def _promotion(con: duckdb.DuckDBPyConnection, model_version: int) -> dict | None:
     """The latest promotion decision on this version."""
     if not table_exists(con, "ml", "promotions"):
@@ -444,6 +459,11 @@ def render_markdown(card: dict) -> str:
     lines += _table(["metric", "value", "95% CI", "rule", "met"],
                     [[m["metric"], m["value"], _ci(m), m["rule"], m["passed"] if _is_gate(m["rule"]) else None]
                      for m in card["metrics"]]) if card["metrics"] else ["No validation report for this version.", ""]
+    point = card.get("operating_point")
+    lines += ["## Operating point", "", "Not measurable (the held-out set lacks one class)." if point is None else
+              f"The service alerts at a score of {point['threshold']:.4f} or more: on held-out patients, sensitivity "
+              f"{point['sensitivity']:.3f} at specificity {point['specificity']:.3f} (target "
+              f"{point['target_specificity']:.2f}), PPV {_fmt(point['ppv'])}, alert rate {point['alert_rate']:.3f}.", ""]
     lines += ["## Subgroups", ""]
     lines += _table(["attribute", "group", "n", "positives", "AUROC", "95% CI", "evaluable"],
                     [[s["attribute"], s["group"], s["n"], s["positives"], s["auroc"], _ci(s), s["evaluable"]]

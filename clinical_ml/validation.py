@@ -25,15 +25,34 @@ REPORTED_SUBGROUPS = ("race", "ethnicity")
 # (to ~0.005 AUROC) in well under a second on 10k rows. Fixed seed: the same report every run.
 BOOTSTRAP_SAMPLES = 200
 BOOTSTRAP_SEED = 20261126
+# The operating point the sensitivity gate is measured at, and the one the service alerts at.
+OPERATING_SPECIFICITY = 0.90
 
 
-def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray, specificity: float = 0.90) -> float:
+def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray,
+                               specificity: float = OPERATING_SPECIFICITY) -> float:
     """Highest sensitivity among operating points whose specificity is at least ``specificity``."""
     # Every threshold: the default drops collinear points, and the best point under the
     # specificity bound can be one of them. Tied scores share one threshold (one point).
     fpr, tpr, _ = roc_curve(y_true, score, drop_intermediate=False)
     allowed = fpr <= (1.0 - specificity) + 1e-12
     return float(tpr[allowed].max()) if allowed.any() else 0.0
+
+
+def operating_point(y_true: np.ndarray, score: np.ndarray, specificity: float = OPERATING_SPECIFICITY) -> dict:
+    """The alert threshold: a score at or above it alerts. The point with the highest
+    sensitivity among those whose held-out specificity is at least ``specificity`` (the point
+    the sensitivity gate measures), with what it achieved there."""
+    y_true, score = np.asarray(y_true), np.asarray(score)
+    fpr, tpr, thresholds = roc_curve(y_true, score, drop_intermediate=False)
+    allowed = np.flatnonzero(fpr <= (1.0 - specificity) + 1e-12)
+    best = allowed[np.argmax(tpr[allowed])]
+    threshold = float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf (nobody alerts)
+    alert = score >= threshold
+    positives = int(alert.sum())
+    return {"threshold": threshold, "target_specificity": specificity,
+            "sensitivity": float(tpr[best]), "specificity": float(1.0 - fpr[best]),
+            "ppv": float(y_true[alert].mean()) if positives else None, "alert_rate": float(alert.mean())}
 
 
 def calibration_slope(y_true: np.ndarray, score: np.ndarray, iterations: int = 50) -> float:
@@ -77,7 +96,7 @@ def _bootstrap(predictions: pl.DataFrame, subgroups: pl.DataFrame, samples: int,
     for weights in bootstrap.patient_resamples(predictions["patient_key"].to_numpy(), samples, seed):
         chunks.append({
             "auroc": bootstrap.auroc(y, s, weights),
-            "sensitivity_at_90_specificity": bootstrap.sensitivity_at_specificity(y, s, weights, 0.90),
+            "sensitivity_at_90_specificity": bootstrap.sensitivity_at_specificity(y, s, weights, OPERATING_SPECIFICITY),
             "calibration_slope": bootstrap.calibration_slope(y, s, weights),
             "brier_score": bootstrap.brier_score(y, s, weights),
             **{key: bootstrap.auroc(y[mask], s[mask], weights[:, mask]) for key, mask in masks.items()},
@@ -180,7 +199,7 @@ def validate(predictions: pl.DataFrame, cv_auroc_std: float, thresholds: Thresho
     subgroups = pl.concat([subgroup_aurocs(predictions, a) for a in attributes])
 
     auroc = float(roc_auc_score(y, s))
-    sens = sensitivity_at_specificity(y, s, 0.90)
+    sens = sensitivity_at_specificity(y, s, OPERATING_SPECIFICITY)
     slope = calibration_slope(y, s)
     brier = float(brier_score_loss(y, s))
     replicates = _bootstrap(predictions, subgroups, bootstrap_samples, bootstrap_seed)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: install demo demo-drift test dev dagster-home
+.PHONY: install demo demo-drift test dev dagster-home serve token
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,11 @@ test: install
 # The Dagster UI and daemon (sensors) on http://127.0.0.1:3000
 dev: install dagster-home
 	CLINICAL_DEMO_MODE=1 $(BIN)/dagster dev -w workspace.yaml
+
+# The inference service on http://127.0.0.1:8000 (after `make demo`: serves the registry's champion).
+serve: install
+	CLINICAL_DEMO_MODE=1 $(BIN)/python -m serving
+
+# A local token with every scope (printed once; stored hashed under .data/serving/tokens.json).
+token: install
+	$(BIN)/python -m serving.tokens create --name local-admin --scopes predict,feedback,read,metrics,admin

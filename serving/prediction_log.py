@@ -21,8 +21,6 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from clinical_ml.db import quote_ident
-
 RECENT = 100_000  # prediction ids answered without a file scan (feedback usually comes soon)
 
 
@@ -71,8 +69,10 @@ class AppendLog:
             return []
         con = duckdb.connect(":memory:")
         try:
-            rel = con.execute(f"SELECT to_json(t)::VARCHAR FROM read_ndjson_auto(?, union_by_name=true) t "
-                              f"WHERE t.{quote_ident(column)} = ?", [self.glob(), value])
+            # JSON objects, not inferred columns: an empty (just opened) file or an older record
+            # shape must not change what a lookup can see
+            rel = con.execute("SELECT json::VARCHAR FROM read_ndjson_objects(?) WHERE json_extract_string(json, ?) = ?",
+                              [self.glob(), f"$.{column}", value])
             return [orjson.loads(row[0]) for row in rel.fetchall()]
         finally:
             con.close()

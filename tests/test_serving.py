@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import duckdb
 import numpy as np
 import orjson
 import pytest
+import schemathesis
 from dagster import materialize
+from hypothesis import HealthCheck, given, settings
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
@@ -388,3 +391,33 @@ def test_feedback_is_stored_next_to_the_prediction_and_linked(production):
     free_text = production.client.post(f"/feedback/{prediction['prediction_id']}", headers=production.auth("ehr"),
                                        json={"outcome": "confirmed", "reason_code": "agree", "note": "Jane Smith"})
     assert free_text.status_code == 422
+
+
+# -- the OpenAPI contract, property-based ----------------------------------------------------
+
+def test_no_generated_request_gets_a_server_error(production):
+    """Schemathesis generates requests for every operation of the service's own OpenAPI spec
+    (valid and invalid bodies, parameters, paths). A token with every scope but admin: the
+    admin operations are exercised as refusals, and the kill switch (whose 503s are by design)
+    is never engaged."""
+    headers = production.auth("reader")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", production.client.app, headers=headers)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /predict", "POST /predict/fhir", "POST /feedback/{prediction_id}",
+                                               "GET /predictions/{prediction_id}/trace", "POST /admin/control"}
+    failures, statuses = [], {op.label: Counter() for op in operations}
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case):
+            response = case.call(headers=headers)
+            statuses[case.operation.label][response.status_code] += 1
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, response.status_code, response.text[:200]))
+            elif response.status_code >= 400:
+                assert "detail" in response.json()
+        call()
+    assert failures == []
+    # the generated requests reach the model, not only the validation in front of it
+    assert statuses["POST /predict"][200] >= 5, statuses["POST /predict"]
+    assert statuses["POST /admin/control"] == Counter({403: sum(statuses["POST /admin/control"].values())})

@@ -14,9 +14,10 @@ A landmark cohort: one row per (patient, landmark date), at landmarks every
 - features: only data dated strictly before the landmark.
 
 All landmarks are computed in one set-based pass: a (patient, landmark) table range-joined to
-the event tables. Notes are read with a NegEx-style rule set over sentences: "denies a history
-of hypertension" is a negated mention, "mother has hypertension" is family history, neither
-counts as an affirmed mention.
+the event tables. Notes are read with the ConText-style classifier of ``note_context`` for each
+condition the model uses: "denies a history of hypertension" is a negated mention, "mother has
+hypertension" is family history, "history of hypertension" is historical and "rule out
+diabetes" hypothetical; only the rest (the patient's, current, asserted) counts as affirmed.
 """
 
 from __future__ import annotations
@@ -31,17 +32,24 @@ import polars as pl
 from clinical_ml import codes
 from clinical_ml.codes import code_match_sql, sql_literal_list
 from clinical_ml.db import quote_ident, table_exists, transaction
+from clinical_ml.note_context import CONDITIONS, note_mentions_sql
 
 HYPERTENSION_CODE_SQL = code_match_sql(codes.HYPERTENSION)
 DIAGNOSIS_FLAGS = {name: code_match_sql(code_list) for name, code_list in codes.DIAGNOSES.items()}
 
-# Sentence-level mention rules (RE2). Order of precedence: family history, negated, affirmed.
-HTN_TERM = r"(?i)\b(hypertension|hypertensive|high blood pressure|htn|elevated blood pressure)\b"
-FAMILY_CUE = r"(?i)\b(family history|fhx|mother|father|sister|brother|parents?|siblings?|grandmother|grandfather|maternal|paternal|aunt|uncle)\b"
-NEGATION_BEFORE_TERM = (
-    r"(?i)\b(denies|denied|deny|no|not|negative for|without|free of|absence of|rules? out|ruled out)\b"
-    r"[^.;]{0,60}\b(hypertension|hypertensive|high blood pressure|htn|elevated blood pressure)\b"
-)
+# Per condition of the note features (note_context.CONDITION_TERMS): affirmed current mentions
+# (the patient's, not negated, not hypothetical, not historical: "history of X" says nothing of
+# now and is left out), negated mentions (the patient's), and family history (someone else's,
+# asserted: "no family history of X" is not family history). Only notes dated before the landmark.
+NOTE_FEATURES = [name for c in CONDITIONS
+                 for name in (f"note_{c}_affirmed", f"note_{c}_negated", f"note_family_history_{c}")]
+# What a mention says, one label per mention; the order of the WHENs is the precedence.
+MENTION_STATUS_SQL = """CASE WHEN experiencer = 'other' THEN
+                                 CASE WHEN NOT negated AND NOT hypothetical THEN 'family' ELSE 'other' END
+                            WHEN negated THEN 'negated'
+                            WHEN hypothetical THEN 'hypothetical'
+                            WHEN historical THEN 'historical'
+                            ELSE 'affirmed' END"""
 
 MODEL_FEATURES = [
     "age_at_index", "sex_female",
@@ -49,7 +57,7 @@ MODEL_FEATURES = [
     "n_bp_readings_3y", "bmi_last", "heart_rate_mean_3y", "creatinine_last", "glucose_last", "hba1c_last",
     "current_smoker", *DIAGNOSIS_FLAGS.keys(), "n_distinct_medications", "on_statin",
     "encounters_1y", "ed_visits_3y", "inpatient_stays_3y",
-    "note_htn_affirmed", "note_htn_negated", "note_family_history_htn",
+    *NOTE_FEATURES,
 ]
 SUBGROUP_COLUMNS = ["sex", "age_group", "race", "ethnicity"]
 ROW_KEY = ["patient_key", "landmark_date"]
@@ -134,24 +142,18 @@ def resolve_landmarks(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, schema:
     return LandmarkPlan(tuple(sorted(landmarks)), start, end, derived=True)
 
 
-def classify_mentions_sql(text_column: str) -> str:
-    """SQL: a list of structs {sentence, status} for hypertension mentions in ``text_column``,
-    status one of 'family', 'negated', 'affirmed'."""
-    return f"""list_transform(
-        list_filter(regexp_split_to_array({text_column}, '[.;!?\\n]+'),
-                    lambda s: regexp_matches(s, '{HTN_TERM}')),
-        lambda s: CASE WHEN regexp_matches(s, '{FAMILY_CUE}') THEN 'family'
-                       WHEN regexp_matches(s, '{NEGATION_BEFORE_TERM}') THEN 'negated'
-                       ELSE 'affirmed' END)"""
-
-
-def classify_mentions(con: duckdb.DuckDBPyConnection, texts: list[str]) -> list[list[str]]:
-    """Statuses of hypertension mentions per text (the SQL the pipeline uses, callable in tests)."""
-    rel = con.execute(
-        f"SELECT {classify_mentions_sql('t')} FROM (SELECT unnest(?::VARCHAR[]) AS t, generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i",
-        [texts, texts],
-    )
-    return [row[0] for row in rel.fetchall()]
+def classify_mentions(con: duckdb.DuckDBPyConnection, texts: list[str]) -> list[list[tuple[str, str]]]:
+    """(condition, status) of every mention per text, in text order: the SQL the pipeline uses,
+    callable in tests. Status: affirmed, negated, historical, hypothetical, family, other."""
+    rows = con.execute(f"""
+        WITH classify_input AS (SELECT unnest($texts::VARCHAR[]) AS text,
+                                       generate_subscripts($texts::VARCHAR[], 1)::VARCHAR AS note_id)
+        SELECT note_id, condition, {MENTION_STATUS_SQL} FROM ({note_mentions_sql('classify_input')})
+        ORDER BY note_id::INTEGER, mention_no""", {"texts": texts}).fetchall()
+    found: list[list[tuple[str, str]]] = [[] for _ in texts]
+    for note_id, condition, status in rows:
+        found[int(note_id) - 1].append((condition, status))
+    return found
 
 
 def build_feature_matrix_sql(schema: str = "deid", scoring: bool = False) -> str:
@@ -164,6 +166,11 @@ def build_feature_matrix_sql(schema: str = "deid", scoring: bool = False) -> str
     s = quote_ident(schema)
     censoring = "" if scoring else "AND s.last_encounter >= l.landmark_date + to_days($horizon_days)"
     dx_cols = ",\n".join(f"bool_or({cond})::INTEGER AS {name}" for name, cond in DIAGNOSIS_FLAGS.items())
+    note_cols = ",\n".join(
+        f"count(*) FILTER (WHERE n.condition = '{c}' AND n.status = 'affirmed') AS note_{c}_affirmed, "
+        f"count(*) FILTER (WHERE n.condition = '{c}' AND n.status = 'negated') AS note_{c}_negated, "
+        f"(count(*) FILTER (WHERE n.condition = '{c}' AND n.status = 'family') > 0)::INTEGER AS note_family_history_{c}"
+        for c in CONDITIONS)
     statins = sql_literal_list(codes.STATIN_RXNORM)
     smokers = sql_literal_list(codes.CURRENT_SMOKER_SNOMED)
 
@@ -261,16 +268,18 @@ def build_feature_matrix_sql(schema: str = "deid", scoring: bool = False) -> str
           ON m.patient_key = x.patient_key AND m.authored_date < x.landmark_date AND m.authored_date >= {look}
         GROUP BY x.patient_key, x.landmark_date
     ),
+    note_src AS (
+        SELECT document_key AS note_id, patient_key, document_date, note_text AS text
+        FROM {s}.document_reference WHERE document_date IS NOT NULL
+    ),
     mentions AS (
         -- each note is read once; its mentions then count at every later landmark
-        SELECT patient_key, document_date, unnest({classify_mentions_sql('note_text')}) AS status
-        FROM {s}.document_reference WHERE document_date IS NOT NULL
+        SELECT n.patient_key, n.document_date, m.condition, {MENTION_STATUS_SQL} AS status
+        FROM ({note_mentions_sql('note_src')}) m JOIN note_src n USING (note_id)
     ),
     notes AS (
         SELECT x.patient_key, x.landmark_date,
-            count(*) FILTER (WHERE n.status = 'affirmed') AS note_htn_affirmed,
-            count(*) FILTER (WHERE n.status = 'negated') AS note_htn_negated,
-            (count(*) FILTER (WHERE n.status = 'family') > 0)::INTEGER AS note_family_history_htn
+            {note_cols}
         FROM pairs x JOIN mentions n ON n.patient_key = x.patient_key AND n.document_date < x.landmark_date
         GROUP BY x.patient_key, x.landmark_date
     )
@@ -290,9 +299,7 @@ def build_feature_matrix_sql(schema: str = "deid", scoring: bool = False) -> str
         coalesce(m.n_distinct_medications, 0) AS n_distinct_medications,
         coalesce(m.on_statin, 0) AS on_statin,
         e.encounters_1y, e.ed_visits_3y, e.inpatient_stays_3y,
-        coalesce(n.note_htn_affirmed, 0) AS note_htn_affirmed,
-        coalesce(n.note_htn_negated, 0) AS note_htn_negated,
-        coalesce(n.note_family_history_htn, 0) AS note_family_history_htn,
+        {", ".join(f"coalesce(n.{name}, 0) AS {name}" for name in NOTE_FEATURES)},
         (c.htn_onset IS NOT NULL AND c.htn_onset <= c.landmark_date + to_days($horizon_days))::INTEGER AS label
     FROM pairs c
     -- enough history: at least one encounter in the lookback window
@@ -321,9 +328,25 @@ class FeatureMatrixSchema(pa.DataFrameModel):
     bmi_last: float = pa.Field(nullable=True, ge=8, le=100)
     n_bp_readings_3y: int = pa.Field(ge=0)
     encounters_1y: int = pa.Field(ge=0)
+    # note features (NOTE_FEATURES): counts of mentions, family history a flag
     note_htn_affirmed: int = pa.Field(ge=0)
     note_htn_negated: int = pa.Field(ge=0)
     note_family_history_htn: int = pa.Field(isin=[0, 1])
+    note_diabetes_affirmed: int = pa.Field(ge=0)
+    note_diabetes_negated: int = pa.Field(ge=0)
+    note_family_history_diabetes: int = pa.Field(isin=[0, 1])
+    note_ckd_affirmed: int = pa.Field(ge=0)
+    note_ckd_negated: int = pa.Field(ge=0)
+    note_family_history_ckd: int = pa.Field(isin=[0, 1])
+    note_obesity_affirmed: int = pa.Field(ge=0)
+    note_obesity_negated: int = pa.Field(ge=0)
+    note_family_history_obesity: int = pa.Field(isin=[0, 1])
+    note_smoking_affirmed: int = pa.Field(ge=0)
+    note_smoking_negated: int = pa.Field(ge=0)
+    note_family_history_smoking: int = pa.Field(isin=[0, 1])
+    note_hyperlipidemia_affirmed: int = pa.Field(ge=0)
+    note_hyperlipidemia_negated: int = pa.Field(ge=0)
+    note_family_history_hyperlipidemia: int = pa.Field(isin=[0, 1])
     label: int = pa.Field(isin=[0, 1])
 
     class Config:

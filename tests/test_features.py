@@ -30,8 +30,45 @@ def test_negation_family_history_and_affirmed_mentions():
         "Elevated blood pressure reading today; recheck advised.",
         "Family history: high blood pressure (sister).",
         "Knee pain, otherwise well.",
+        "No chest pain but has hypertension and type 2 diabetes; former smoker. Rule out CKD. Obese. "
+        "No family history of hyperlipidemia.",
     ])
-    assert statuses == [["negated"], ["negated", "family"], ["negated"], ["affirmed"], ["affirmed"], ["family"], []]
+    assert statuses == [
+        [("htn", "negated")], [("htn", "negated"), ("htn", "family")], [("htn", "negated")],
+        # a history is not a current, affirmed mention
+        [("htn", "historical")], [("htn", "affirmed")], [("htn", "family")], [],
+        # every condition of the model, each in its own scope; a negated family history is not one
+        [("htn", "affirmed"), ("diabetes", "affirmed"), ("smoking", "historical"), ("ckd", "hypothetical"),
+         ("obesity", "affirmed"), ("hyperlipidemia", "other")],
+    ]
+
+
+def test_note_features_count_only_notes_before_the_landmark(small_export):
+    """One planted note per kind of mention, dated the day before a landmark, moves that
+    landmark's note features and not the earlier one's; a note dated on the landmark counts only later."""
+    con = fresh_deid(small_export)
+    spec = FeatureSpec()
+    plan = resolve_landmarks(con, spec)
+    first, second = plan.landmarks[-3], plan.landmarks[-2]
+    before = build_feature_matrix(con, spec, plan=plan)
+    patient = (before.filter(pl.col("landmark_date").is_in([first, second])).group_by("patient_key").len()
+               .filter(pl.col("len") == 2)["patient_key"].sort()[0])
+    text = ("Type 2 diabetes, on metformin. Denies chest pain or CKD. Mother with hyperlipidemia. "
+            "History of obesity. Screen for hypertension. Current smoker.")
+    for day in (second - timedelta(days=1), second):
+        con.execute("""INSERT INTO deid.document_reference (document_key, patient_key, document_date, note_text)
+                       VALUES (?, ?, ?, ?)""", [f"test-note-{day}", patient, day, text])
+    after = build_feature_matrix(con, spec, plan=plan)
+
+    def row(frame, landmark):
+        return frame.filter((pl.col("patient_key") == patient) & (pl.col("landmark_date") == landmark)).to_dicts()[0]
+
+    assert row(after, first) == row(before, first)
+    new, old = row(after, second), row(before, second)
+    delta = {k: new[k] - old[k] for k in new if k.startswith("note_") and new[k] != old[k]}
+    # the historical obesity and the hypothetical hypertension change nothing
+    assert delta == {"note_diabetes_affirmed": 1, "note_ckd_negated": 1, "note_smoking_affirmed": 1,
+                     "note_family_history_hyperlipidemia": 1}
 
 
 def test_landmarks_come_from_the_data_span(deid_con):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import duckdb
 import orjson
+import pandera.errors
 
 from clinical_ml.deid import DeidentificationError, MissingSecretKey, date_shift_days, deidentify
 from clinical_ml.features import FeatureSpec, scoring_features
@@ -115,7 +116,11 @@ def bundle_features(bundle: dict, as_of: date, deid: DeidSettings, spec: Feature
         except DeidentificationError as error:
             raise BundleError(str(error)) from None
         landmark = landmark_for(as_of, patient_id, deid)
-        frame = scoring_features(con, spec, landmark)
+        try:
+            frame = scoring_features(con, spec, landmark)
+        except pandera.errors.SchemaErrors as error:  # its message quotes the patient's values: names only
+            columns = sorted({str(e.column_name) for e in error.schema_errors if getattr(e, "column_name", None)})
+            raise BundleError(f"implausible feature values ({', '.join(columns)}): check units and values") from None
         if frame.height == 0:
             raise NotEligible(
                 f"the patient is outside the model's intended population at this date: it scores adults "

@@ -421,3 +421,19 @@ def test_no_generated_request_gets_a_server_error(production):
     # the generated requests reach the model, not only the validation in front of it
     assert statuses["POST /predict"][200] >= 5, statuses["POST /predict"]
     assert statuses["POST /admin/control"] == Counter({403: sum(statuses["POST /admin/control"].values())})
+
+
+def test_implausible_values_in_a_bundle_are_a_422_that_quotes_no_value(production, caplog):
+    pid, landmark, _, bundle = patient_bundles(production, 1)[0]
+    entries = []
+    for entry in bundle["entry"]:
+        resource = json.loads(json.dumps(entry["resource"]))
+        for part in [resource, *resource.get("component", [])]:
+            if isinstance(part.get("valueQuantity"), dict):
+                part["valueQuantity"]["value"] = 987654.25
+        entries.append({**entry, "resource": resource})
+    response = production.client.post("/predict/fhir", headers=production.auth("ehr"), json={
+        "as_of": as_of_for(pid, landmark).isoformat(), "bundle": {**bundle, "entry": entries}})
+    assert response.status_code == 422, response.text
+    assert "implausible feature values" in response.json()["detail"]
+    assert "987654" not in response.text and "987654" not in caplog.text

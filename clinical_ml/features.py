@@ -355,6 +355,13 @@ class FeatureMatrixSchema(pa.DataFrameModel):
         unique = ROW_KEY  # one row per patient and landmark
 
 
+# The schema lists the note features by name; a condition added to note_context.CONDITIONS
+# without its rules here would go unchecked, so refuse to import instead.
+_UNCHECKED_NOTE_FEATURES = set(NOTE_FEATURES) - set(FeatureMatrixSchema.to_schema().columns)
+if _UNCHECKED_NOTE_FEATURES:
+    raise RuntimeError(f"FeatureMatrixSchema has no rule for {sorted(_UNCHECKED_NOTE_FEATURES)}")
+
+
 def build_feature_matrix(con: duckdb.DuckDBPyConnection, spec: FeatureSpec, source_schema: str = "deid",
                          plan: LandmarkPlan | None = None) -> pl.DataFrame:
     """Compute and validate the feature matrix (not written anywhere)."""

@@ -29,30 +29,33 @@ BOOTSTRAP_SEED = 20261126
 OPERATING_SPECIFICITY = 0.90
 
 
+def _best_point(y_true: np.ndarray, score: np.ndarray, specificity: float) -> tuple[float, float, float]:
+    """(sensitivity, specificity, threshold) of the point with the highest sensitivity among
+    those whose specificity is at least ``specificity``."""
+    # Every threshold: the default drops collinear points, and the best point under the
+    # specificity bound can be one of them. Tied scores share one threshold (one point).
+    fpr, tpr, thresholds = roc_curve(y_true, score, drop_intermediate=False)
+    allowed = np.flatnonzero(fpr <= (1.0 - specificity) + 1e-12)  # never empty: the first point has fpr 0
+    best = allowed[np.argmax(tpr[allowed])]
+    return float(tpr[best]), float(1.0 - fpr[best]), float(thresholds[best])
+
+
 def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray,
                                specificity: float = OPERATING_SPECIFICITY) -> float:
     """Highest sensitivity among operating points whose specificity is at least ``specificity``."""
-    # Every threshold: the default drops collinear points, and the best point under the
-    # specificity bound can be one of them. Tied scores share one threshold (one point).
-    fpr, tpr, _ = roc_curve(y_true, score, drop_intermediate=False)
-    allowed = fpr <= (1.0 - specificity) + 1e-12
-    return float(tpr[allowed].max()) if allowed.any() else 0.0
+    return _best_point(y_true, score, specificity)[0]
 
 
 def operating_point(y_true: np.ndarray, score: np.ndarray, specificity: float = OPERATING_SPECIFICITY) -> dict:
-    """The alert threshold: a score at or above it alerts. The point with the highest
-    sensitivity among those whose held-out specificity is at least ``specificity`` (the point
-    the sensitivity gate measures), with what it achieved there."""
+    """The alert threshold: a score at or above it alerts. The point the sensitivity gate
+    measures (see ``sensitivity_at_specificity``), with what it achieved there."""
     y_true, score = np.asarray(y_true), np.asarray(score)
-    fpr, tpr, thresholds = roc_curve(y_true, score, drop_intermediate=False)
-    allowed = np.flatnonzero(fpr <= (1.0 - specificity) + 1e-12)
-    best = allowed[np.argmax(tpr[allowed])]
-    threshold = float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf (nobody alerts)
+    sensitivity, achieved, threshold = _best_point(y_true, score, specificity)
+    threshold = min(threshold, 1.0)  # roc_curve's first threshold is +inf (nobody alerts)
     alert = score >= threshold
-    positives = int(alert.sum())
-    return {"threshold": threshold, "target_specificity": specificity,
-            "sensitivity": float(tpr[best]), "specificity": float(1.0 - fpr[best]),
-            "ppv": float(y_true[alert].mean()) if positives else None, "alert_rate": float(alert.mean())}
+    return {"threshold": threshold, "target_specificity": specificity, "sensitivity": sensitivity,
+            "specificity": achieved, "ppv": float(y_true[alert].mean()) if alert.any() else None,
+            "alert_rate": float(alert.mean())}
 
 
 def calibration_slope(y_true: np.ndarray, score: np.ndarray, iterations: int = 50) -> float:

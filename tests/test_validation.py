@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from clinical_ml import bootstrap, plots
-from clinical_ml.validation import (Thresholds, calibration_slope, save_report, sensitivity_at_specificity,
+from clinical_ml.validation import (Thresholds, calibration_slope, operating_point, save_report, sensitivity_at_specificity,
                                     validate)
 
 
@@ -220,3 +220,14 @@ def test_the_calibration_curve_plots_deciles_of_predicted_risk():
     assert deciles.height == 10 and deciles["n"].sum() == predictions.height and (deciles["n"] == 200).all()
     assert deciles["predicted"].is_sorted()
     assert deciles["observed"].dot(deciles["n"]) == pytest.approx(predictions["y_true"].sum())
+
+
+def test_the_operating_point_is_the_threshold_the_sensitivity_gate_measures():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 2000)
+    score = np.clip(0.3 * y + rng.normal(0.35, 0.2, 2000), 0, 1)
+    point = operating_point(y, score)
+    alert = score >= point["threshold"]
+    assert point["sensitivity"] == sensitivity_at_specificity(y, score) == alert[y == 1].mean()
+    assert point["specificity"] == 1 - alert[y == 0].mean() >= 0.90
+    assert point["alert_rate"] == alert.mean() and point["ppv"] == y[alert].mean()

@@ -56,8 +56,6 @@ def model_promotion(config: PromotionConfig, warehouse: DuckDBWarehouse, mlflow:
         decision, evidence = judge_challenger(con, challenger, champion, policy,
                                               lambda model: model_window(store, model.training_window).frame, approval)
         evidence["model_card_sha256"] = model_card_sha256(con, challenger.model_version)
-    if decision.promote:
-        mlflow.set_alias("champion", challenger.registry_version)
     record = audit_store.append({"event": "model_promotion" if decision.promote else "model_rejection",
                                  "policy_version": policy.version, "decision": decision.as_dict(), "evidence": evidence})
     with warehouse.connect() as con:
@@ -66,6 +64,8 @@ def model_promotion(config: PromotionConfig, warehouse: DuckDBWarehouse, mlflow:
     mlflow.tag_version(challenger.registry_version, {
         "promotion_decision": "promoted" if decision.promote else "rejected", "policy_version": policy.version,
         "audit_sequence": record.sequence, "audit_record_hash": record.record_hash})
+    if decision.promote:  # last: the service picks the new champion up with its audit tags in place
+        mlflow.set_alias("champion", challenger.registry_version)
     comparison = decision.comparison
     serving = challenger.registry_version if decision.promote else (champion.version if champion else None)
     return MaterializeResult(

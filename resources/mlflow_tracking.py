@@ -28,6 +28,9 @@ class MLflowTracking(ConfigurableResource):
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
+        # the registry is this store too: a registry URI set earlier in the process (another
+        # store's) must not receive this pipeline's models
+        mlflow.set_registry_uri(self.tracking_uri)
         experiment = mlflow.get_experiment_by_name(self.experiment_name)
         if experiment is None:
             location = self.artifact_root

@@ -31,7 +31,7 @@ from serving.control import Control, ControlState, canary_bucket
 from serving.fhir_features import BundleError, DeidSettings, NotEligible, bundle_features
 from serving.limits import BodySizeLimit
 from serving.prediction_log import PredictionLog
-from serving.registry import LoadedModel, ModelHolder, ModelSet, ModelUnavailable, Registry
+from serving.registry import LoadedModel, ModelHolder, ModelSet, Registry
 from serving.settings import ServingSettings
 from serving.trace import trace_prediction
 
@@ -60,7 +60,8 @@ class PredictRequest(_Strict):
     patient_id: Optional[str] = Field(
         None, pattern=_FHIR_ID, description="The source system's Patient id: turned into the pipeline's keyed "
         "pseudonym at once (canary routing, the log); never stored or logged as given.")
-    care_unit: Optional[str] = Field(None, pattern=_UNIT, description="Routes a canary by unit when no patient is named.")
+    care_unit: Optional[str] = Field(None, pattern=_UNIT, description="Routes a canary by unit when no patient is "
+                                     "named; logged only as a keyed pseudonym.")
     explain: bool = Field(False, description="Add the top contributing features (SHAP values).")
 
 
@@ -207,7 +208,7 @@ def _predict(service: Service, features: dict[str, Any], patient_key: str | None
              explain: bool, endpoint: str, started: float) -> Prediction:
     control, models = _served_models(service)
     prediction_id = uuid.uuid4().hex
-    routing_key = patient_key or (f"unit/{care_unit}" if care_unit else prediction_id)
+    routing_key = patient_key or care_unit or prediction_id
     served, beside = _route(control, models, routing_key)
     row = _vector(features, served.feature_names)
     score = float(served.score(row)[0])
@@ -215,13 +216,17 @@ def _predict(service: Service, features: dict[str, Any], patient_key: str | None
         raise HTTPException(503, "the model returned no valid score")
     scores = [(served, score, True)]
     if beside is not None:
-        scores.append((beside, float(beside.score(_vector(features, beside.feature_names))[0]), False))
+        try:  # the model scored beside the answer must never cost the answer
+            scores.append((beside, float(beside.score(_vector(features, beside.feature_names))[0]), False))
+        except Exception as error:  # noqa: BLE001
+            log.warning("%s v%s could not score beside the answer: %s", beside.alias, beside.version,
+                        type(error).__name__)
     latency_ms = (time.perf_counter() - started) * 1000
     now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     feature_hash = _feature_hash(features)
     service.log.record([{
         "prediction_id": prediction_id, "predicted_at": now, "endpoint": endpoint, "patient_key": patient_key,
-        "care_unit": care_unit, "feature_sha256": feature_hash, "model_name": service.settings.model_name,
+        "care_unit_key": care_unit, "feature_sha256": feature_hash, "model_name": service.settings.model_name,
         "model_version": model.version, "alias": model.alias, "mlflow_run_id": model.run_id, "mode": control.mode,
         "served": is_served, "score": s, "threshold": model.threshold, "alert": s >= model.threshold,
         "latency_ms": round(latency_ms, 3)} for model, s, is_served in scores])
@@ -261,6 +266,11 @@ class CatchAll:
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
+
+
+def _unit_key(service: Service, care_unit: str | None) -> str | None:
+    """A care unit is free text (it could name a person): keyed like a patient, never kept as given."""
+    return None if care_unit is None else pseudonym(service.deid().key, "CareUnit", care_unit)
 
 
 def _without_inputs(errors: list[dict]) -> list[dict]:
@@ -315,11 +325,9 @@ def create_app(settings: ServingSettings | None = None, registry: Registry | Non
               responses={503: {"description": "kill switch engaged or no model loaded"}})
     async def predict(body: PredictRequest, _: Principal = Depends(require("predict"))):
         started = time.perf_counter()
-        patient_key = None
-        if body.patient_id is not None:
-            patient_key = pseudonym(service.deid().key, "Patient", body.patient_id)
-        return _predict(service, body.features.model_dump(), patient_key, body.care_unit, body.explain, "features",
-                        started)
+        patient_key = None if body.patient_id is None else pseudonym(service.deid().key, "Patient", body.patient_id)
+        return _predict(service, body.features.model_dump(), patient_key, _unit_key(service, body.care_unit),
+                        body.explain, "features", started)
 
     @app.post("/predict/fhir", tags=["predictions"], response_model=Prediction, response_model_exclude_none=True,
               responses={503: {"description": "kill switch engaged or no model loaded"}})
@@ -335,7 +343,8 @@ def create_app(settings: ServingSettings | None = None, registry: Registry | Non
                                     FEATURE_NAMES)
         except (BundleError, NotEligible) as error:
             raise HTTPException(422, str(error)) from None
-        return _predict(service, found.features, found.patient_key, body.care_unit, body.explain, "fhir", started)
+        return _predict(service, found.features, found.patient_key, _unit_key(service, body.care_unit), body.explain,
+                        "fhir", started)
 
     @app.post("/feedback/{prediction_id}", tags=["predictions"], response_model=FeedbackReceipt, status_code=201,
               responses={404: {"description": "no such prediction"}})
@@ -358,7 +367,12 @@ def create_app(settings: ServingSettings | None = None, registry: Registry | Non
              summary="Prediction -> model version -> MLflow run -> training data hash -> audit record",
              responses={404: {"description": "no such prediction"}})
     def trace(prediction_id: str = Path(..., pattern=_PREDICTION_ID), _: Principal = Depends(require("read"))):
-        found = trace_prediction(service.log, service.holder.registry, prediction_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = trace_prediction(service.log, service.holder.registry, prediction_id)
+        except MlflowException:
+            raise HTTPException(404, "the prediction's model version or run is no longer in the registry") from None
         if found is None:
             raise HTTPException(404, "no such prediction")
         return found

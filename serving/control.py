@@ -8,6 +8,7 @@ mode or stopping answers needs no deploy and no restart, and every worker proces
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -31,11 +32,16 @@ class Control:
     reason: str | None = None
 
     def validated(self) -> "Control":
+        # strict types: a hand-edited "kill_switch": 0 or "canary_percent": "10" is unreadable,
+        # and an unreadable control file keeps the kill switch engaged
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
-        if not 0 <= float(self.canary_percent) <= 100:
-            raise ValueError("canary_percent must be between 0 and 100")
-        return self
+        if not isinstance(self.kill_switch, bool):
+            raise ValueError("kill_switch must be true or false")
+        if isinstance(self.canary_percent, bool) or not isinstance(self.canary_percent, (int, float)) \
+                or not 0 <= self.canary_percent <= 100:
+            raise ValueError("canary_percent must be a number between 0 and 100")
+        return replace(self, canary_percent=float(self.canary_percent))
 
 
 def canary_bucket(routing_key: str) -> float:
@@ -66,7 +72,7 @@ class ControlState:
     def _refresh(self) -> None:
         try:
             stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # os.replace makes a new inode
         except FileNotFoundError:
             self._current, self._stamp = self._defaults, None
             return
@@ -81,11 +87,15 @@ class ControlState:
         self._stamp = stamp
 
     def update(self, changed_by: str, reason: str | None, **changes) -> Control:
-        with self._lock:
-            base = self.current
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # one writer at a time across workers, each starting from the file as it is now: a
+        # change made elsewhere within the poll interval (a kill switch) is never written back
+        with self._lock, open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._refresh()
+            base = self._current
             new = replace(base, **{k: v for k, v in changes.items() if v is not None}, changed_by=changed_by,
                           reason=reason, changed_at=datetime.now(timezone.utc).isoformat(timespec="seconds")).validated()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
             tmp.write_bytes(orjson.dumps(asdict(new), option=orjson.OPT_INDENT_2))
             os.replace(tmp, self.path)  # atomic: readers see the old file or the new one

@@ -22,7 +22,7 @@ import duckdb
 import orjson
 import pandera.errors
 
-from clinical_ml.deid import DeidentificationError, MissingSecretKey, date_shift_days, deidentify
+from clinical_ml.deid import DeidentificationError, MissingSecretKey, date_shift_days, deidentify, safe_error_message
 from clinical_ml.features import FeatureSpec, scoring_features
 from clinical_ml.ingest import land_ndjson
 
@@ -105,30 +105,37 @@ def bundle_features(bundle: dict, as_of: date, deid: DeidSettings, spec: Feature
     folder = tempfile.mkdtemp(prefix="bundle-", dir=_scratch_dir())  # mode 0700
     con = duckdb.connect(":memory:", config={"threads": 1})
     try:
-        for rtype, resources in by_type.items():
-            Path(folder, f"{rtype}.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in resources) + b"\n")
-        report = land_ndjson(con, folder)
-        try:
-            deidentify(con, deid.key, max_shift_days=deid.max_shift_days, date_mode=deid.date_mode,
-                       reference_date=deid.reference_date, synthetic_only=deid.synthetic_only)
-        except MissingSecretKey as error:
-            raise BundleError(str(error)) from None
-        except DeidentificationError as error:
-            raise BundleError(str(error)) from None
-        landmark = landmark_for(as_of, patient_id, deid)
-        try:
-            frame = scoring_features(con, spec, landmark)
-        except pandera.errors.SchemaErrors as error:  # its message quotes the patient's values: names only
-            columns = sorted({str(e.column_name) for e in error.schema_errors if getattr(e, "column_name", None)})
-            raise BundleError(f"implausible feature values ({', '.join(columns)}): check units and values") from None
-        if frame.height == 0:
-            raise NotEligible(
-                f"the patient is outside the model's intended population at this date: it scores adults "
-                f"(age {spec.min_age}+) without a hypertension diagnosis, with at least one encounter in the "
-                f"{spec.lookback_days} days before the as-of date")
-        row = frame.row(0, named=True)
-        return BundleFeatures(row["patient_key"], row["landmark_date"], {n: row[n] for n in feature_names},
-                              report.quarantined)
+        return _features(con, folder, by_type, patient_id, as_of, deid, spec, feature_names)
+    except duckdb.Error as error:  # DuckDB quotes offending values: keep the shape only
+        raise BundleError(f"the Bundle could not be processed: {safe_error_message(error)}") from None
     finally:
         con.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _features(con: duckdb.DuckDBPyConnection, folder: str, by_type: dict[str, list[dict]], patient_id: str,
+              as_of: date, deid: DeidSettings, spec: FeatureSpec, feature_names: tuple[str, ...]) -> BundleFeatures:
+    for rtype, resources in by_type.items():
+        Path(folder, f"{rtype}.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in resources) + b"\n")
+    report = land_ndjson(con, folder)
+    try:
+        deidentify(con, deid.key, max_shift_days=deid.max_shift_days, date_mode=deid.date_mode,
+                   reference_date=deid.reference_date, synthetic_only=deid.synthetic_only)
+    except MissingSecretKey as error:
+        raise BundleError(str(error)) from None
+    except DeidentificationError as error:
+        raise BundleError(str(error)) from None
+    landmark = landmark_for(as_of, patient_id, deid)
+    try:
+        frame = scoring_features(con, spec, landmark)
+    except pandera.errors.SchemaErrors as error:  # its message quotes the patient's values: names only
+        columns = sorted({str(e.column_name) for e in error.schema_errors if getattr(e, "column_name", None)})
+        raise BundleError(f"implausible feature values ({', '.join(columns)}): check units and values") from None
+    if frame.height == 0:
+        raise NotEligible(
+            f"the patient is outside the model's intended population at this date: it scores adults "
+            f"(age {spec.min_age}+) without a hypertension diagnosis, with at least one encounter in the "
+            f"{spec.lookback_days} days before the as-of date")
+    row = frame.row(0, named=True)
+    return BundleFeatures(row["patient_key"], row["landmark_date"], {n: row[n] for n in feature_names},
+                          report.quarantined)

@@ -47,16 +47,6 @@ class LoadedModel:
         order = np.argsort(-np.abs(shap))[:top]
         return [{"feature": self.feature_names[i], "shap": round(float(shap[i]), 6)} for i in order]
 
-    def lineage(self) -> dict:
-        return {"registered_model_version": self.version, "alias": self.alias, "mlflow_run_id": self.run_id,
-                "training_data_sha256": self.tags.get("training_data_sha256"),
-                "model_sha256": self.tags.get("model_sha256"),
-                "warehouse_model_version": self.tags.get("warehouse_model_version"),
-                "promotion_decision": self.tags.get("promotion_decision"),
-                "policy_version": self.tags.get("policy_version"),
-                "audit_sequence": self.tags.get("audit_sequence"),
-                "audit_record_hash": self.tags.get("audit_record_hash")}
-
 
 @dataclass(frozen=True)
 class ModelSet:

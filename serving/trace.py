@@ -42,6 +42,14 @@ def trace_prediction(prediction_log, registry, prediction_id: str) -> dict | Non
     }
 
 
+def _audit_head(warehouse_path: str) -> tuple[int, str] | None:
+    """The chain head the pipeline keeps beside the warehouse (records cut off the end show)."""
+    from resources.audit_store import AuditStore
+    from resources.warehouse import DuckDBWarehouse
+
+    return AuditStore(warehouse=DuckDBWarehouse(path=warehouse_path)).head()
+
+
 def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) -> str:
     import duckdb
 
@@ -56,7 +64,7 @@ def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) ->
                           [sequence]).fetchone()
         if row is None:
             return f"NOT FOUND: audit record #{sequence} is not in the log"
-        intact, broken_at = verify_chain(con, None)
+        intact, broken_at = verify_chain(con, _audit_head(warehouse_path))
         if row[0] != record_hash:
             return f"MISMATCH: audit record #{sequence} has another hash than the registry names"
         return f"verified: record #{sequence} ({row[1]}) is in the chain" + (

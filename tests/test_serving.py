@@ -228,6 +228,8 @@ def test_the_kill_switch_is_a_setting_too(served):
         assert served.predict(features).status_code == 503
         path.write_text("{not json")  # unreadable: fail closed
         assert served.predict(features).status_code == 503
+        path.write_bytes(orjson.dumps({**orjson.loads(original), "kill_switch": 0}))  # not a boolean: unreadable
+        assert served.predict(features).status_code == 503
     finally:
         path.write_bytes(original)
     assert served.predict(features).status_code == 200
@@ -305,6 +307,12 @@ def patient_bundles(served: Served, n: int) -> list[tuple[str, date, dict, dict]
         con.close()
 
 
+def records_unit_free(served: Served, prediction_id: str, word: str) -> bool:
+    """The care unit reaches the log only as a keyed pseudonym."""
+    [record] = [r for r in served.log_records() if r["prediction_id"] == prediction_id]
+    return len(record["care_unit_key"]) == 24 and word not in orjson.dumps(served.log_records()).decode()
+
+
 def as_of_for(pid: str, landmark: date) -> date:
     return landmark - timedelta(days=date_shift_days(E2E_KEY.encode(), pid, 365))
 
@@ -334,6 +342,8 @@ def test_a_bundle_is_scored_like_its_feature_row_and_no_identifier_reaches_the_l
     logged = records[from_bundle["prediction_id"]]
     assert logged["feature_sha256"] == records[from_features["prediction_id"]]["feature_sha256"]
     assert logged["endpoint"] == "fhir" and len(logged["patient_key"]) == 24
+    unit = production.predict(batch_row, care_unit="Ward 7 Smithfield").json()
+    assert records_unit_free(production, unit["prediction_id"], "Smithfield")
     patient = bundle["entry"][0]["resource"]
     identifiers = {pid, patient["name"][0]["family"], *patient["name"][0]["given"], patient["birthDate"]}
     log_text = "\n".join(p.read_text() for p in (production.settings.log_dir).rglob("*.ndjson"))

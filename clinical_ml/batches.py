@@ -27,7 +27,7 @@ from typing import Literal, Optional
 import duckdb
 import polars as pl
 
-from clinical_ml.db import quote_ident, quote_path, table_exists
+from clinical_ml.db import DuckDBSettings, connect, quote_ident, quote_path, table_exists
 from clinical_ml.features import FeatureSpec, LandmarkPlan, read_feature_spec
 
 BATCH_KEY = re.compile(r"b(\d{4,})-[a-z0-9][a-z0-9-]{0,40}")
@@ -67,9 +67,10 @@ class BatchSource:
 
 @dataclass
 class BatchStore:
-    """The folder of batch files."""
+    """The folder of batch files, and the DuckDB settings of connections that read across them."""
 
     root: Path
+    duckdb_settings: DuckDBSettings = field(default_factory=DuckDBSettings)
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -184,7 +185,7 @@ def read_window(store: BatchStore, keys: list[str], months: Optional[int] = None
     batch that has the patient, landmarks within ``months`` of the newest one. Every batch must
     have drawn its cohort with the same rules (horizon, lookback, ages)."""
     specs = {}
-    con = duckdb.connect()
+    con = connect(settings=store.duckdb_settings)
     try:
         aliases = attach_batches(con, store, keys)
         for key, alias in aliases.items():
@@ -283,7 +284,7 @@ def downstream_identifier_leaks(store: BatchStore, warehouse_path: str | Path, t
     from clinical_ml.deid import find_identifier_leaks
 
     keys = [k for k in store.keys() if store.path(k).exists()]
-    con = duckdb.connect()
+    con = connect(settings=store.duckdb_settings)
     try:
         aliases = attach_batches(con, store, keys)
         con.execute(f"ATTACH {quote_path(warehouse_path)} AS warehouse (READ_ONLY)")

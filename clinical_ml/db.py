@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
 
 import duckdb
+
+
+@dataclass(frozen=True)
+class DuckDBSettings:
+    """How much of the machine one DuckDB connection may take. Past ``memory_limit`` DuckDB
+    spills joins, aggregates and sorts to ``temp_directory`` instead of failing with "Out of
+    Memory" (its own default limit is 80% of RAM, per connection, and an in-memory database has
+    nowhere to spill unless a folder is named)."""
+
+    threads: int = 2
+    memory_limit: str = "2GB"
+    temp_directory: Optional[str] = None
+
+    def config(self) -> dict:
+        config = {"threads": self.threads, "memory_limit": self.memory_limit}
+        if self.temp_directory:
+            # DuckDB names its spill files the same in every database: each connection gets a
+            # folder of its own (DuckDB creates it, and removes it when the connection closes),
+            # so parallel workers sharing the setting never write each other's blocks.
+            Path(self.temp_directory).mkdir(parents=True, exist_ok=True)
+            config["temp_directory"] = str(Path(self.temp_directory) / f"{os.getpid()}-{next(_SPILL_FOLDERS)}")
+        return config
+
+
+_SPILL_FOLDERS = itertools.count()
+
+
+def connect(path: str = ":memory:", settings: Optional[DuckDBSettings] = None,
+            read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection under ``settings`` (threads, memory limit, spill folder)."""
+    return duckdb.connect(path, read_only=read_only, config=(settings or DuckDBSettings()).config())
 
 
 @contextmanager

@@ -273,6 +273,11 @@ def _apply_patterns(expr: str, patterns) -> str:
     return expr
 
 
+# Notes are scrubbed in buckets of their owners (by hash), so the token tables of one statement
+# stay bounded whatever the population: about this many notes a bucket.
+NOTES_PER_SCRUB_BUCKET = 20_000
+
+
 def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql: str, out_table: str) -> None:
     """Scrub free text, set-based: ``notes_sql`` yields (note_id, owner, note), ``identifiers_sql``
     yields (owner, value), the note owner's own identifying values. Writes TEMP ``out_table``
@@ -284,43 +289,71 @@ def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql:
     identifier's runs is replaced by one [REDACTED], separators included. So "Müller-Łukasz",
     "12 Elm St", "555-010-4477" and "1961/03/14" are found whatever punctuation or case the note
     uses, and "Smith" never matches inside "Smithfield". Then the NOTE_PATTERNS run.
+
+    Notes are cut into maximal runs and maximal separators, which alternate: the run after the
+    run at piece ``pos`` is at ``pos + 2``, so matching needs no numbering window. Only notes
+    with a match are rebuilt from their pieces. Owners are processed in hash buckets of about
+    NOTES_PER_SCRUB_BUCKET notes, each bucket one bounded set of statements.
     """
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_src AS
-        SELECT note_id, owner, {_apply_patterns('note', NOTE_PATTERNS[:_PRE_PATTERNS])} AS note
-        FROM ({notes_sql}) WHERE note IS NOT NULL""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_ids AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_all AS
+        SELECT note_id, owner, note FROM ({notes_sql}) WHERE note IS NOT NULL""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_ids_all AS
         SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs
         FROM (SELECT DISTINCT owner, regexp_extract_all(lower(trim(value)), '{_RUN}') AS runs
               FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
         WHERE len(runs) > 0""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_pieces AS
-        SELECT note_id, owner, pos, piece, regexp_full_match(piece, '{_RUN}') AS is_run
-        FROM (SELECT note_id, owner, unnest(p) AS piece, generate_subscripts(p, 1) AS pos
-              FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}|[^\p{{L}}\p{{N}}]+') AS p FROM scrub_src))""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE {out_table} AS
-        WITH runs AS (
-            SELECT note_id, owner, pos, lower(piece) AS run,
-                   row_number() OVER (PARTITION BY note_id ORDER BY pos) AS run_no
-            FROM scrub_pieces WHERE is_run),
-        ident_runs AS (
+    notes = con.execute("SELECT count(*) FROM scrub_all").fetchone()[0]
+    buckets = max(1, -(-notes // NOTES_PER_SCRUB_BUCKET))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {out_table} (note_id {_column_type(con, 'scrub_all', 'note_id')}, "
+                "note_text VARCHAR)")
+    try:
+        for bucket in range(buckets):
+            _scrub_bucket(con, buckets, bucket, out_table)
+    finally:
+        for table in ("scrub_all", "scrub_ids_all", "scrub_src", "scrub_ids", "scrub_runs", "scrub_matches"):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _column_type(con: duckdb.DuckDBPyConnection, table: str, column: str) -> str:
+    return con.execute("SELECT data_type FROM duckdb_columns() WHERE table_name = ? AND column_name = ?",
+                       [table, column]).fetchone()[0]
+
+
+def _scrub_bucket(con: duckdb.DuckDBPyConnection, buckets: int, bucket: int, out_table: str) -> None:
+    in_bucket = "hash(owner) % $buckets = $bucket"
+    params = {"buckets": buckets, "bucket": bucket}
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_src AS
+        SELECT note_id, owner, {_apply_patterns('note', NOTE_PATTERNS[:_PRE_PATTERNS])} AS note
+        FROM scrub_all WHERE {in_bucket}""", params)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE scrub_ids AS SELECT * FROM scrub_ids_all WHERE {in_bucket}", params)
+    # The runs of notes whose owner has identifiers, with their piece positions.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_runs AS
+        SELECT note_id, owner, pos, lower(piece) AS run FROM (
+            SELECT note_id, owner, unnest(p) AS piece, generate_subscripts(p, 1) AS pos
+            FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}|[^\p{{L}}\p{{N}}]+') AS p
+                  FROM scrub_src WHERE owner IN (SELECT owner FROM scrub_ids)))
+        WHERE regexp_full_match(piece, '{_RUN}')""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE scrub_matches AS
+        WITH ident_runs AS (
             SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k FROM scrub_ids),
         starts AS (
-            SELECT r.note_id, r.run_no AS first_run, i.ident_id, i.n_runs
-            FROM runs r JOIN ident_runs i ON i.owner = r.owner AND i.run = r.run AND i.k = 1),
-        matches AS (
-            SELECT s.note_id, s.first_run, s.first_run + s.n_runs - 1 AS last_run
-            FROM starts s
-            JOIN ident_runs i ON i.ident_id = s.ident_id
-            JOIN runs r ON r.note_id = s.note_id AND r.run_no = s.first_run + i.k - 1 AND r.run = i.run
-            GROUP BY s.note_id, s.first_run, s.ident_id, s.n_runs HAVING count(*) = s.n_runs),
+            SELECT r.note_id, r.pos AS first_pos, i.ident_id, i.n_runs
+            FROM scrub_runs r JOIN ident_runs i ON i.owner = r.owner AND i.run = r.run AND i.k = 1)
+        SELECT s.note_id, s.first_pos, s.first_pos + 2 * (s.n_runs - 1) AS last_pos
+        FROM starts s
+        JOIN ident_runs i ON i.ident_id = s.ident_id
+        JOIN scrub_runs r ON r.note_id = s.note_id AND r.pos = s.first_pos + 2 * (i.k - 1) AND r.run = i.run
+        GROUP BY s.note_id, s.first_pos, s.ident_id, s.n_runs HAVING count(*) = s.n_runs""")
+    con.execute(f"""INSERT INTO {out_table}
+        WITH pieces AS (
+            SELECT note_id, unnest(p) AS piece, generate_subscripts(p, 1) AS pos
+            FROM (SELECT note_id, regexp_extract_all(note, '{_RUN}|[^\p{{L}}\p{{N}}]+') AS p
+                  FROM scrub_src WHERE note_id IN (SELECT note_id FROM scrub_matches))),
         redacted AS (
-            SELECT DISTINCT m.note_id, unnest(range(a.pos, b.pos + 1)) AS pos
-            FROM matches m
-            JOIN runs a ON a.note_id = m.note_id AND a.run_no = m.first_run
-            JOIN runs b ON b.note_id = m.note_id AND b.run_no = m.last_run),
+            SELECT DISTINCT note_id, unnest(range(first_pos, last_pos + 1)) AS pos FROM scrub_matches),
         flagged AS (
             SELECT p.note_id, p.pos, p.piece, x.pos IS NOT NULL AS red
-            FROM scrub_pieces p LEFT JOIN redacted x ON x.note_id = p.note_id AND x.pos = p.pos),
+            FROM pieces p LEFT JOIN redacted x ON x.note_id = p.note_id AND x.pos = p.pos),
         rebuilt AS (
             SELECT note_id, string_agg(CASE WHEN NOT red THEN piece WHEN prev_red THEN '' ELSE '[REDACTED]' END, ''
                                        ORDER BY pos) AS note
@@ -328,8 +361,6 @@ def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql:
             GROUP BY note_id)
         SELECT s.note_id, {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
         FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""")
-    for table in ("scrub_src", "scrub_ids", "scrub_pieces"):
-        con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identifiers: list[list[str]] | None = None) -> list[str]:

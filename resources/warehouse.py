@@ -10,7 +10,8 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from clinical_ml.batches import BatchStore
-from resources.settings import default_warehouse_path
+from clinical_ml.db import DuckDBSettings, connect
+from resources.settings import data_home, default_warehouse_path
 
 
 class DuckDBWarehouse(ConfigurableResource):
@@ -21,8 +22,16 @@ class DuckDBWarehouse(ConfigurableResource):
     batch_root: Optional[str] = Field(default_factory=lambda: os.environ.get("CLINICAL_BATCH_ROOT") or None,
                                       description="Folder of per-batch DuckDB files (CLINICAL_BATCH_ROOT); default: "
                                       "`<warehouse name>-batches` beside the warehouse file.")
-    threads: int = Field(default=2, description="DuckDB worker threads.")
-    memory_limit: str = Field(default="8GB", description="DuckDB memory limit before spilling to disk.")
+    threads: int = Field(default_factory=lambda: int(os.environ.get("CLINICAL_DUCKDB_THREADS", "2")),
+                         description="DuckDB worker threads per connection (CLINICAL_DUCKDB_THREADS).")
+    memory_limit: str = Field(default_factory=lambda: os.environ.get("CLINICAL_DUCKDB_MEMORY_LIMIT", "2GB"),
+                              description="DuckDB memory limit per connection, past which joins, aggregates and "
+                              "sorts spill to temp_directory (CLINICAL_DUCKDB_MEMORY_LIMIT).")
+    temp_directory: str = Field(default_factory=lambda: os.environ.get("CLINICAL_DUCKDB_TEMP_DIR")
+                                or str(data_home() / "duckdb-spill"),
+                                description="Where DuckDB spills (CLINICAL_DUCKDB_TEMP_DIR); a folder per connection "
+                                "is made in it and removed on close. Spilled blocks can hold PHI (raw tables): "
+                                "keep it on storage as protected as the warehouse.")
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -37,12 +46,16 @@ class DuckDBWarehouse(ConfigurableResource):
 
     def batch_store(self) -> BatchStore:
         path = Path(self.path)
-        return BatchStore(Path(self.batch_root) if self.batch_root else path.parent / f"{path.stem}-batches")
+        return BatchStore(Path(self.batch_root) if self.batch_root else path.parent / f"{path.stem}-batches",
+                          duckdb_settings=self.duckdb_settings())
+
+    def duckdb_settings(self) -> DuckDBSettings:
+        return DuckDBSettings(threads=self.threads, memory_limit=self.memory_limit, temp_directory=self.temp_directory)
 
     @contextmanager
     def _open(self, path: str) -> Iterator[duckdb.DuckDBPyConnection]:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(path, config={"threads": self.threads, "memory_limit": self.memory_limit})
+        con = connect(path, self.duckdb_settings())
         try:
             yield con
         finally:

@@ -132,3 +132,19 @@ def test_real_synthea_samples_deidentify_with_no_leaks(sample):
         assert report.rows_by_table["document_reference"] == 1215
     assert report.removed_by_category["names"] > 0 and report.removed_by_category["ssn"] > 0
     assert find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], TEST_KEY) == []
+
+
+def test_notes_scrubbed_in_several_owner_buckets_equal_one_bucket(monkeypatch):
+    """Bucketing (bounded memory) changes nothing: each note is scrubbed of its own owner's
+    identifiers whichever bucket it falls in."""
+    import clinical_ml.deid as deid
+
+    texts = [f"Seen by nurse. Patient Ann{i} Quist{i} called from 555-010-{1000 + i}; Ann{i} is well." for i in range(40)]
+    owners = [[f"Ann{i} Quist{i}", f"555-010-{1000 + i}"] for i in range(40)]
+    con = duckdb.connect()
+    one_bucket = scrub_notes_sql(con, texts, owners)
+    monkeypatch.setattr(deid, "NOTES_PER_SCRUB_BUCKET", 3)
+    many_buckets = scrub_notes_sql(con, texts, owners)
+    assert many_buckets == one_bucket
+    assert all("Quist" not in t and "555-010" not in t and "Ann" not in t for t in many_buckets)
+    assert all("nurse" in t for t in many_buckets)

@@ -54,7 +54,7 @@ ATTRIBUTES = ("negated", "historical", "hypothetical", "experiencer")
 # window keeps the regex work per mention constant on long notes.
 WINDOW_CHARS = 1000
 
-_FAMILY = (r"mother|mom|father|dad|sisters?|brothers?|siblings?|parents?|grandmother|grandfather|grandparents?"
+_FAMILY = (r"mother|mom|father|dad|girlfriend|boyfriend|fianc[eé]e?|friends?|kids|children|classmates|sisters?|brothers?|siblings?|parents?|grandmother|grandfather|grandparents?"
            r"|grandson|granddaughter|grandchild|aunt|uncle|cousins?|sons?|daughters?|twin|wife|husband|spouse"
            r"|partner|roommate|co-?workers?|relatives?|family members?")
 _YEAR = r"(?:19|20)\d\d"
@@ -66,6 +66,34 @@ def _words(*phrases: str) -> str:
     return r"\b(?:" + "|".join(sorted(phrases, key=len, reverse=True)) + r")\b"
 
 
+# Phrases that contain a cue word but do not negate, date or hedge anything.
+_PSEUDO = _words(
+    r"no (?:significant |interval |further |acute )?(?:change|increase|decrease|worsening|improvement|relief|response)"
+    r"(?: in| of| to| with)?",
+    r"not (?:improving|improved|relieved|responding|responsive|at goal|(?:well |adequately )?controlled|gone"
+    r"|as bad|only|just|necessarily|uncommon|otherwise specified|in labor force|able to|tolerating)",
+    r"never (?:well |adequately )?controlled", r"no longer (?:taking|on|using)",
+    r"denies (?:any )?(?:improvement|change|worsening) (?:in|of)",
+    r"without difficulty", r"gram[- ]negative", r"[a-z0-9]+-negative", r"intimate partner",
+    r"history of (?:the )?present illness", r"present illness", r"social (?:history|hx)",
+    r"(?:history|hx) (?:is |was )?(?:obtained|provided|limited|taken|given|per|from|by)",
+    r"gives a (?:history|hx) of", r"\d+[- ]?(?:hours?|hrs?|days?|weeks?|wks?)[- ](?:history|hx) of",
+    r"prior to (?:arrival|admission|presentation|transfer|discharge|surgery|procedure)",
+    r"previously (?:healthy|well)", r"(?:unchanged|compared) (?:from|with|to) prior",
+    r"prior (?:appointment|visit|echo|imaging|films?|studies|study|exam|ct|cxr|mri|ekg|ecg)",
+    r"\d+[- ]?(?:years?|yrs?|y|months?|mos?|weeks?|wks?|days?)[- ]old", r"year-old",
+    r"(?:trying|wants?|wanting|plans?|planning|ready|advised|counseled|encouraged|motivated) to quit",
+    r"(?:brought|accompanied|driven|referred|sent) (?:in )?by (?:his |her |the )?(?:" + _FAMILY + r")",
+    r"(?:mother|father) of (?:\w+)", r"lives with (?:his |her )?(?:" + _FAMILY + r")",
+    r"per (?:his |her |the )?(?:" + _FAMILY + r")", r"like (?:his |her )(?:" + _FAMILY + r")",
+    r"quit (?:his |her |their )?(?:job|work|school|team)",
+    r"no (?:clear |obvious |definite |definitive |identifiable |known )?(?:cause|etiology|source|trigger|explanation)"
+    r" (?:for|of)",
+    r"no (?:current |further )?(?:treatment|therapy|medications?|meds) (?:for|of)",
+    r"not (?:currently |yet )?(?:taking|on) (?:any )?(?:medications?|meds|treatment|therapy)(?: for)?",
+    r"none since")
+
+
 # Tags, applied in this order (earlier ones win the words they cover). Each entry: tag letter,
 # what it means, which side of the target it is searched on ('pre', 'post' or 'both'), regex.
 # Letters: X pseudo-cue (neutral); N/M/B negation forward/backward/both; H/I historical
@@ -75,9 +103,15 @@ def _words(*phrases: str) -> str:
 # is the subject again).
 CUES: list[tuple[str, str, str, str]] = [
     # --- anchored on the target: templates and prefixes ("Hypertension: No", "-cough", "non-smoker")
+    ("X", "template answer that is a pseudo-cue ('Hypertension: no change')", "post",
+     r"^\s*[:=\-–—]+\s*" + _PSEUDO),
     ("M", "template value after the target", "post",
-     r"^\s*(?:history|hx|use)?\s*[:=\-–—]+\s*(?:no|n|none|neg|negative|denies|denied|absent|not present"
-     r"|not appreciated|not seen|never)\b"),
+     r"^\s*(?:history|hx|use)?\s*[:=\-–—?]+\s*(?:(?:patient|pt)\s+)?(?:no|n|none|neg|negative|denies|denied|absent"
+     r"|not present|not appreciated|not seen|never)\b"),
+    ("X", "another item's template answer before the target ('Fever - no, cough')", "pre",
+     r"[:=\-–—?]\s*(?:no|none|neg|negative|denies|denied|absent)\s*[,;]"),
+    ("N", "(-) before the target", "pre", r"\(\s*-\s*\)"),
+    ("A", "(+) before the target", "pre", r"\(\s*\+\s*\)"),
     ("N", "minus or non- glued to the target", "pre", r"(?:^|\s)-$|\bnon-?$"),
     ("A", "plus sign before the target", "pre", r"(?:^|\s)\+\s?$"),
     ("P", "question mark before the target", "pre", r"\?\s*$"),
@@ -89,27 +123,7 @@ CUES: list[tuple[str, str, str, str]] = [
      r"^\s*(?:screening|prophylaxis|prevention|risk|vaccines?|vaccination)\b"),
     ("I", "a year in parentheses after the target", "post", r"\(" + _YEAR + r"\)"),
     # --- pseudo-cues: contain a cue word but do not negate, date or hedge anything
-    ("X", "pseudo-cue", "both", _words(
-        r"no (?:significant |interval |further |acute )?(?:change|increase|decrease|worsening|improvement|relief|response)"
-        r"(?: in| of| to| with)?",
-        r"not (?:improving|improved|relieved|responding|responsive|at goal|(?:well |adequately )?controlled|gone"
-        r"|as bad|only|just|necessarily|uncommon|otherwise specified|in labor force|able to|tolerating)",
-        r"never (?:well |adequately )?controlled", r"no longer (?:taking|on|using)",
-        r"not (?:taking|on) (?:any )?(?:medications?|meds|treatment|therapy)",
-        r"denies (?:any )?(?:improvement|change|worsening) (?:in|of)",
-        r"without difficulty", r"gram[- ]negative", r"[a-z0-9]+-negative", r"intimate partner",
-        r"history of (?:the )?present illness", r"present illness", r"social (?:history|hx)",
-        r"(?:history|hx) (?:is |was )?(?:obtained|provided|limited|taken|given|per|from|by)",
-        r"gives a (?:history|hx) of", r"\d+[- ]?(?:hours?|hrs?|days?|weeks?|wks?)[- ](?:history|hx) of",
-        r"prior to (?:arrival|admission|presentation|transfer|discharge|surgery|procedure)",
-        r"previously (?:healthy|well)", r"(?:unchanged|compared) (?:from|with|to) prior",
-        r"prior (?:appointment|visit|echo|imaging|films?|studies|study|exam|ct|cxr|mri|ekg|ecg)",
-        r"\d+[- ]?(?:years?|yrs?|y|months?|mos?|weeks?|wks?|days?)[- ]old", r"year-old",
-        r"(?:trying|wants?|wanting|plans?|planning|ready|advised|counseled|encouraged|motivated) to quit",
-        r"(?:brought|accompanied|driven|referred|sent) (?:in )?by (?:his |her |the )?(?:" + _FAMILY + r")",
-        r"(?:mother|father) of (?:\w+)", r"lives with (?:his |her )?(?:" + _FAMILY + r")",
-        r"per (?:his |her |the )?(?:" + _FAMILY + r")",
-    )),
+    ("X", "pseudo-cue", "both", _PSEUDO),
     # --- hedges that contain a negation word, and probable negation: before the plain cues
     ("V", "not excluded (uncertain)", "both", _words(
         r"(?:has |have )?not (?:yet )?(?:been )?(?:ruled out|excluded)", r"cannot be (?:ruled out|excluded)",
@@ -119,16 +133,18 @@ CUES: list[tuple[str, str, str, str]] = [
                                               r"not consistent with", r"no longer (?:present|seen|visible|evident)")),
     # --- experiencer: someone else's condition
     ("E", "family member or other person", "pre", _words(
-        r"family (?:history|hx)(?: of)?", r"fhx", r"fh", r"family members?", _FAMILY, r"maternal", r"paternal",
+        r"family (?:history|hx)(?: of| (?:is )?(?:positive|significant|notable|remarkable) for)?", r"fhx", r"fh", r"family members?", _FAMILY, r"maternal", r"paternal",
         r"sick contacts?")),
     # --- negation
     ("N", "negation before the target", "pre", _words(
         r"no", r"not", r"denies", r"denied", r"deny", r"denying", r"without", r"w/o", r"negative for", r"neg for",
         r"free of", r"absence of", r"never", r"neither", r"nor", r"ruled out", r"fails to reveal",
+        r"neg(?:ative)? (?:ros|review of systems|work-?up|screen|screening|testing|test|evaluation) for",
         r"no evidence of", r"no signs? of", r"no s/s of", r"\w+n't", r"unremarkable for", r"no h/o")),
     ("N", "'negative for' after the target is a forward cue, not 'negative'", "post", _words(r"negative for", r"neg for")),
     ("M", "negation after the target", "post", _words(
         r"(?:was |were |is |are |been |effectively )?(?:ruled out|excluded)", r"(?:is |are |was |were )?not present",
+        r"(?:is |are |was |were )?denied", r"(?:was |were )?considered,? but (?:was |were )?(?:ruled out|excluded)",
         r"(?:is |are |was |were )?absent", r"not appreciated", r"not seen", r"not identified", r"not detected",
         r"not found", r"negative", r"none")),
     # --- history
@@ -143,7 +159,7 @@ CUES: list[tuple[str, str, str, str]] = [
     ("I", "history after the target", "post", _words(
         r"(?:has |had |have )?(?:since |now |completely |spontaneously )?resolved", r"in remission",
         r"in " + _YEAR, r"(?:\d+|several|many|few) (?:months|years|decades) ago",
-        r"years ago", r"(?:as a|in) (?:child|childhood|teen|teenager|kid|youth)", r"in (?:his|her) (?:teens|\d0s)",
+        r"years ago", r"(?:as a|in) (?:child|childhood|teen|teenager|kid|youth)", r"in (?:college|high school|the military)", r"in (?:his|her) (?:teens|\d0s)",
         r"at age \d+", r"during (?:her |his )?(?:\w+ )?pregnancy", r"quit", r"last (?:month|year|winter|spring|summer|fall)")),
     # --- hypothetical: possible, planned work-up, risk and prevention, conditional
     ("P", "hypothetical before the target", "pre", _words(
@@ -164,7 +180,7 @@ CUES: list[tuple[str, str, str, str]] = [
     ("V", "alternatives", "both", _words(r"vs", r"vs\.", r"versus")),
     # --- scope terminators
     ("T", "ends every scope", "both", _words(
-        r"but", r"however", r"although", r"though", r"which", r"whereas", r"presents? with", r"presenting with",
+        r"but", r"however", r"although", r"though", r"which", r"whereas", r"presents? (?:with|after|for)", r"presenting (?:with|after|for)",
         r"is presenting with", r"presented with")),
     ("K", "ends negation, hypothesis and experiencer", "both", _words(
         r"except(?: for)?", r"aside from", r"apart from", r"other than", r"despite")),
@@ -177,7 +193,8 @@ CUES: list[tuple[str, str, str, str]] = [
         r"includes?", r"continued", r"protocol", r"from", r"because of", r"with continued")),
     ("S", "the patient again: ends experiencer", "both", _words(
         r"patient'?s?", r"pt'?s?", r"(?:he|she) (?:himself|herself)", r"himself", r"herself", r"the child",
-        r"the baby", r"the infant", r"reports?", r"states?", r"noticed", r"found", r"notes", r"and (?:she|he)")),
+        r"the baby", r"the infant", r"reports?", r"states?", r"noticed", r"found", r"notes", r"and (?:she|he)",
+        r"brought (?:him|her|the patient|pt)(?: in)?", r"(?:finding|found) (?:him|her)")),
 ]
 
 # Per attribute: forward tags, backward tags, terminators, how far (characters of tagged text)
@@ -240,6 +257,8 @@ def _sql_string(value: str) -> str:
 def _tagged(column: str, side: str) -> str:
     """SQL: ``column`` (lower-cased text on one side of the target) with cues replaced by tags."""
     expr = f"regexp_replace({column}, {_sql_string(_ABBREVIATION)}, '\\1', 'g')"
+    if side == "pre":  # a question mark opening the text asks about what follows ("? early appendicitis")
+        expr = f"regexp_replace({expr}, '^\\s*\\?+\\s*', ' P ')"
     expr = f"regexp_replace({expr}, {_sql_string(_BOUNDARY)}, ' T ', 'g')"
     for tag, _meaning, where, pattern in CUES:
         if where in (side, "both"):

@@ -206,12 +206,14 @@ def f1_scores(split: str) -> dict[str, float]:
     return scores
 
 
-# Floors a little under the measured F1 (benchmarks/results/note_context.txt): the rules were
-# written on dev (1.000 / 0.994 / 1.000 / 0.993); held-out was scored once, after
-# (0.934 / 0.966 / 0.959 / 0.902), and not tuned on.
+# Floors a little under the measured F1 (benchmarks/results/note_context.txt). The rules were
+# written on dev; heldout was scored once (0.934 / 0.966 / 0.959 / 0.902), then its misses were
+# read and it served as development data too; heldout2, by another author, was unseen until it
+# was scored once after that revision (0.972 / 0.924 / 0.884 / 0.949) and is not tuned on.
 @pytest.mark.parametrize("split, floors", [
     ("dev", {"negated": 0.98, "historical": 0.97, "hypothetical": 0.98, "experiencer": 0.97}),
-    ("heldout", {"negated": 0.92, "historical": 0.95, "hypothetical": 0.94, "experiencer": 0.88}),
+    ("heldout", {"negated": 0.98, "historical": 0.97, "hypothetical": 0.95, "experiencer": 0.97}),
+    ("heldout2", {"negated": 0.96, "historical": 0.91, "hypothetical": 0.87, "experiencer": 0.93}),
 ])
 def test_accuracy_floors_on_the_annotated_corpus(split, floors):
     scores = f1_scores(split)
@@ -230,3 +232,30 @@ def test_real_synthea_notes_are_classified():
     assert mentions > 1000 and affirmed > 0 and negated > 0 and historical > 0
     # "Patient has never smoked." and "Patient quit smoking at age 16." are the sample's smoking lines
     assert rows["smoking"][3] > 0 and rows["smoking"][4] > 0 and rows["smoking"][2] == 0
+
+
+@pytest.mark.parametrize("target, sentence, expected", [
+    ("fever", "ROS: (+) fatigue, (-) fever, (-) chills", NEGATED),
+    ("fatigue", "ROS: (+) fatigue, (-) fever, (-) chills", AFFIRMED),
+    ("nausea", "Negative ROS for fever, chills, nausea.", NEGATED),
+    ("Chest pain", "Chest pain is denied.", NEGATED),
+    ("Diabetes", "Diabetes - patient denies.", NEGATED),
+    ("cough", "Fever - no, cough - yes.", AFFIRMED),  # the "no" answers fever, not cough
+    ("Hypertension", "Hypertension: no change, continue current meds.", AFFIRMED),
+    ("anemia", "No clear cause for her anemia identified.", AFFIRMED),
+    ("hypertension", "Not currently on medication for hypertension.", AFFIRMED),
+    ("Cellulitis", "Cellulitis was considered but ruled out.", NEGATED),
+])
+def test_template_answers_signs_and_passive_denials(target, sentence, expected):
+    assert ctx(target, sentence) == expected
+
+
+@pytest.mark.parametrize("target, sentence, expected", [
+    ("sickle cell disease", "Family history positive for sickle cell disease.", FAMILY),
+    ("vomiting", "His girlfriend had similar symptoms of vomiting last week.", FAMILY),
+    ("high fevers", "Her mother brought her in because of high fevers.", AFFIRMED),
+    ("hypertension", "The patient, like his father, has hypertension.", AFFIRMED),
+    ("appendicitis", "? early appendicitis, surgery consulted", HYPOTHETICAL),
+])
+def test_experiencer_and_question_forms(target, sentence, expected):
+    assert ctx(target, sentence) == expected

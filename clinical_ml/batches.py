@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -27,7 +28,7 @@ from typing import Literal, Optional
 import duckdb
 import polars as pl
 
-from clinical_ml.db import DuckDBSettings, connect, quote_ident, quote_path, table_exists
+from clinical_ml.db import DuckDBSettings, attach_read_only, connect, open_database, quote_ident, table_exists
 from clinical_ml.features import FeatureSpec, LandmarkPlan, read_feature_spec
 
 BATCH_KEY = re.compile(r"b(\d{4,})-[a-z0-9][a-z0-9-]{0,40}")
@@ -126,11 +127,11 @@ class read_only:
         self.path = path
 
     def __enter__(self) -> duckdb.DuckDBPyConnection:
-        self.con = duckdb.connect(str(self.path), read_only=True)
-        return self.con
+        self._opened = open_database(str(self.path), read_only=True)
+        return self._opened.__enter__()
 
     def __exit__(self, *exc):
-        self.con.close()
+        return self._opened.__exit__(*exc)
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,13 @@ class WindowData:
         return f"{len(self.batches)} batch(es) {', '.join(self.batches)}; {span}"
 
 
-def attach_batches(con: duckdb.DuckDBPyConnection, store: BatchStore, keys: list[str]) -> dict[str, str]:
-    """Attach each batch file read-only to ``con``; returns key -> catalog alias."""
+def attach_batches(con: duckdb.DuckDBPyConnection, store: BatchStore, keys: list[str], locks: ExitStack) -> dict[str, str]:
+    """Attach each batch file read-only to ``con`` (``locks`` holds their shared locks); returns
+    key -> catalog alias."""
     aliases = {}
     for index, key in enumerate(keys):
         alias = f"batch_{index}"
-        con.execute(f"ATTACH {quote_path(store.path(key))} AS {quote_ident(alias)} (READ_ONLY)")
+        attach_read_only(con, store.path(key), alias, locks)
         aliases[key] = alias
     return aliases
 
@@ -185,9 +187,9 @@ def read_window(store: BatchStore, keys: list[str], months: Optional[int] = None
     batch that has the patient, landmarks within ``months`` of the newest one. Every batch must
     have drawn its cohort with the same rules (horizon, lookback, ages)."""
     specs = {}
-    con = connect(settings=store.duckdb_settings)
+    con, locks = connect(settings=store.duckdb_settings), ExitStack()
     try:
-        aliases = attach_batches(con, store, keys)
+        aliases = attach_batches(con, store, keys, locks)
         for key, alias in aliases.items():
             con.execute(f"USE {quote_ident(alias)}")
             specs[key] = read_feature_spec(con)
@@ -203,6 +205,7 @@ def read_window(store: BatchStore, keys: list[str], months: Optional[int] = None
         frame = _read_rows(con, union, params, months)
     finally:
         con.close()
+        locks.close()
     spec, newest_plan = specs[keys[-1]]
     landmarks = tuple(sorted(set(frame["landmark_date"].to_list())))
     plan = LandmarkPlan(landmarks, min((p.data_start for _, p in specs.values() if p.data_start), default=None),
@@ -248,8 +251,9 @@ def seed_raw_from(con: duckdb.DuckDBPyConnection, store: BatchStore, previous: s
     """Copy the raw tables of batch ``previous`` into ``con``'s batch: an incremental (``_since``)
     export is merged onto the population as it stood, so that every batch is a whole snapshot
     (features need each patient's full history). Returns the number of tables copied."""
-    con.execute(f"ATTACH {quote_path(store.path(previous))} AS previous_batch (READ_ONLY)")
+    locks = ExitStack()
     try:
+        attach_read_only(con, store.path(previous), "previous_batch", locks)
         tables = [t for (t,) in con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = 'previous_batch' AND schema_name = 'raw'"
         ).fetchall()]
@@ -258,7 +262,8 @@ def seed_raw_from(con: duckdb.DuckDBPyConnection, store: BatchStore, previous: s
             con.execute(f"CREATE OR REPLACE TABLE raw.{quote_ident(table)} AS "
                         f"SELECT * FROM previous_batch.raw.{quote_ident(table)}")
     finally:
-        con.execute("DETACH previous_batch")
+        con.execute("DETACH DATABASE IF EXISTS previous_batch")
+        locks.close()
     return len(tables)
 
 
@@ -284,10 +289,10 @@ def downstream_identifier_leaks(store: BatchStore, warehouse_path: str | Path, t
     from clinical_ml.deid import find_identifier_leaks
 
     keys = [k for k in store.keys() if store.path(k).exists()]
-    con = connect(settings=store.duckdb_settings)
+    con, locks = connect(settings=store.duckdb_settings), ExitStack()
     try:
-        aliases = attach_batches(con, store, keys)
-        con.execute(f"ATTACH {quote_path(warehouse_path)} AS warehouse (READ_ONLY)")
+        aliases = attach_batches(con, store, keys, locks)
+        attach_read_only(con, warehouse_path, "warehouse", locks)
         con.execute("CREATE SCHEMA raw")
         for table in IDENTITY_TABLES:
             sources = [a for a in aliases.values() if con.execute(
@@ -310,3 +315,4 @@ def downstream_identifier_leaks(store: BatchStore, warehouse_path: str | Path, t
         return find_identifier_leaks(con, present, key, aggregate=aggregate)
     finally:
         con.close()
+        locks.close()

@@ -53,9 +53,13 @@ def _audit_head(warehouse_path: str) -> tuple[int, str] | None:
 def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) -> str:
     import duckdb
 
+    from clinical_ml.batches import read_only
+    from clinical_ml.db import DatabaseBusy
+
+    opened = read_only(warehouse_path)
     try:
-        con = duckdb.connect(warehouse_path, read_only=True)
-    except duckdb.Error as error:
+        con = opened.__enter__()
+    except (duckdb.Error, DatabaseBusy) as error:
         return f"not verified: the warehouse could not be opened read-only ({type(error).__name__})"
     try:
         from clinical_ml.audit import verify_chain
@@ -70,7 +74,7 @@ def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) ->
         return f"verified: record #{sequence} ({row[1]}) is in the chain" + (
             ", chain intact" if intact else f", but the chain is broken at #{broken_at}")
     finally:
-        con.close()
+        opened.__exit__(None, None, None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -564,7 +564,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                                                '$.valueQuantity', '$.valueCodeableConcept', '$.component']) AS f
                 FROM {r}.observation
             ),
-            obs AS (
+            obs AS NOT MATERIALIZED (
                 SELECT p.patient_key, k.encounter_key,
                     f[6] AS code_coding, f[7] AS quantity, f[8] AS concept, f[9] AS component,
                     deid_date(coalesce(fhir_date(f[3]->>'$'), fhir_date(f[4]->>'$'), fhir_date(f[5]->>'$')),

@@ -18,7 +18,7 @@ from resources.fhir_source import FhirSource
 from resources.mlflow_tracking import MLflowTracking
 from resources.warehouse import DuckDBWarehouse
 from sensors.drift_sensor import psi_drift_sensor
-from sensors.jobs import clinical_pipeline_job, ingest_batch_job, retrain_job
+from sensors.jobs import clinical_pipeline_dask_job, clinical_pipeline_job, ingest_batch_job, retrain_job
 
 ASSETS = [raw_fhir, deidentified_fhir, feature_matrix, trained_model, validation_report, model_card, model_promotion,
           drift_report, audit_record]
@@ -39,7 +39,7 @@ def build_definitions(resources: dict | None = None) -> Definitions:
     return Definitions(
         assets=ASSETS,
         asset_checks=DOWNSTREAM_LEAK_CHECKS,
-        jobs=[clinical_pipeline_job, ingest_batch_job, retrain_job],
+        jobs=[clinical_pipeline_job, clinical_pipeline_dask_job, ingest_batch_job, retrain_job],
         sensors=[psi_drift_sensor],
         resources=resources or default_resources(),
         # Steps of one run share the warehouse file (one DuckDB writer), so they run one after another

@@ -1,4 +1,7 @@
+import os
+
 from dagster import AssetSelection, define_asset_job
+from dagster_dask import dask_executor
 
 ALL_ASSETS = AssetSelection.all()
 BATCH_ASSETS = AssetSelection.assets("raw_fhir", "deidentified_fhir", "feature_matrix")
@@ -27,4 +30,25 @@ retrain_job = define_asset_job(
     description="Retrain on the window of landed batches (the drifted one included), validate, judge the "
     "challenger against the champion, audit.",
     tags={"purpose": "retrain"},
+)
+
+
+def dask_cluster() -> dict:
+    """The Dask cluster of ``clinical_pipeline_dask``: an existing scheduler when
+    DASK_SCHEDULER_ADDRESS is set (tcp://host:8786), else a local cluster of DASK_LOCAL_WORKERS
+    (default 2) worker processes with one thread each (Dagster steps are not thread-safe)."""
+    address = os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        return {"existing": {"address": address}}
+    return {"local": {"n_workers": int(os.environ.get("DASK_LOCAL_WORKERS", "2")), "threads_per_worker": 1,
+                      "processes": True, "dashboard_address": None}}
+
+
+clinical_pipeline_dask_job = define_asset_job(
+    "clinical_pipeline_dask",
+    selection=ALL_ASSETS,
+    executor_def=dask_executor.configured({"cluster": dask_cluster()}),
+    description="clinical_pipeline with each step run by a Dask worker process (a local cluster, or the scheduler "
+    "at DASK_SCHEDULER_ADDRESS). Workers share the DuckDB files through the filesystem; a step waits for the "
+    "file lock of a database another step is writing (docs/distributed.md).",
 )

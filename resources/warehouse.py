@@ -10,7 +10,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from clinical_ml.batches import BatchStore
-from clinical_ml.db import DuckDBSettings, connect
+from clinical_ml.db import DuckDBSettings, open_database
 from resources.settings import data_home, default_warehouse_path
 
 
@@ -55,8 +55,5 @@ class DuckDBWarehouse(ConfigurableResource):
     @contextmanager
     def _open(self, path: str) -> Iterator[duckdb.DuckDBPyConnection]:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        con = connect(path, self.duckdb_settings())
-        try:
+        with open_database(path, self.duckdb_settings()) as con:
             yield con
-        finally:
-            con.close()

@@ -35,7 +35,7 @@ def audit_record(context: AssetExecutionContext, warehouse: DuckDBWarehouse, aud
     store = warehouse.batch_store()
     batches = {}
     for key in keys:
-        with read_only(store.path(key)) as con:
+        with read_only(store.path(key), store.duckdb_settings) as con:
             batches[key] = batch_facts(con)
     record = audit_store.append({"dagster_run_id": context.run_id, **facts, "batches": batches})
     intact, broken_at = audit_store.verify()

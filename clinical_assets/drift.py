@@ -44,7 +44,7 @@ def drift_report(context: AssetExecutionContext, warehouse: DuckDBWarehouse, mlf
     with warehouse.connect() as con:
         model = serving_model(con, mlflow.alias_version("champion"))
     reference = model_window(store, model.training_window).frame
-    with read_only(store.path(batch)) as con:
+    with read_only(store.path(batch), store.duckdb_settings) as con:
         current = read_feature_matrix(con)
     # one threshold for the report, its check and the sensor (which reads it from this metadata)
     policy = current_policy()

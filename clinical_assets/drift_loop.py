@@ -69,7 +69,7 @@ class LoopReport:
 def batch_max_psi(warehouse: DuckDBWarehouse, batch: str, model: StoredModel) -> float:
     """Max feature PSI of ``batch`` against the training data of ``model``."""
     reference = model_window(warehouse.batch_store(), model.training_window).frame
-    with read_only(warehouse.batch_store().path(batch)) as con:
+    with read_only(warehouse.batch_store().path(batch), warehouse.duckdb_settings()) as con:
         current = read_feature_matrix(con)
     return float(drift_table(reference, current, MODEL_FEATURES, current_policy().psi_retrain_threshold)["psi"].max())
 

@@ -19,7 +19,7 @@ def main() -> None:
         print("batches          nothing landed yet")
         return
     for key in keys:
-        with read_only(store.path(key)) as con:
+        with read_only(store.path(key), store.duckdb_settings) as con:
             if not table_exists(con, "raw", "landing_files"):
                 print(f"batch {key:<10} registered, not landed")
                 continue

@@ -114,20 +114,21 @@ class BatchStore:
         ready = []
         for key in self.keys() if keys is None else keys:
             if self.path(key).exists():
-                with read_only(self.path(key)) as con:
+                with read_only(self.path(key), self.duckdb_settings) as con:
                     if table_exists(con, "features", "feature_matrix"):
                         ready.append(key)
         return ready
 
 
 class read_only:
-    """``with read_only(path) as con``: a read-only connection to a batch file."""
+    """``with read_only(path) as con``: a read-only connection to a DuckDB file (under its shared
+    lock, with ``settings``; ``lock_timeout_s``: give up sooner than the default hour)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, settings: Optional[DuckDBSettings] = None, lock_timeout_s: Optional[float] = None):
+        self.path, self.settings, self.lock_timeout_s = path, settings, lock_timeout_s
 
     def __enter__(self) -> duckdb.DuckDBPyConnection:
-        self._opened = open_database(str(self.path), read_only=True)
+        self._opened = open_database(str(self.path), self.settings, read_only=True, lock_timeout_s=self.lock_timeout_s)
         return self._opened.__enter__()
 
     def __exit__(self, *exc):
@@ -241,7 +242,7 @@ def previous_landed(store: BatchStore, key: str) -> str | None:
     earlier = keys[:keys.index(key)] if key in keys else keys
     for candidate in reversed(earlier):
         if store.path(candidate).exists():
-            with read_only(store.path(candidate)) as con:
+            with read_only(store.path(candidate), store.duckdb_settings) as con:
                 if table_exists(con, "raw", "patient"):
                     return candidate
     return None

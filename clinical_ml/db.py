@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import re
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -32,17 +33,23 @@ class DuckDBSettings:
         config = {"threads": self.threads, "memory_limit": self.memory_limit}
         if self.temp_directory:
             # DuckDB names its spill files the same in every database: each database of each
-            # process gets a folder of its own (DuckDB creates it and removes it on close), so
-            # parallel workers sharing the setting never write each other's blocks. Connections
-            # of one process to one file share a folder (DuckDB requires the same config).
+            # process on each host gets a folder of its own (DuckDB creates it and removes it on
+            # close), so workers sharing the setting, on one machine or on a shared filesystem,
+            # never write each other's blocks. Connections of one process to one file share a
+            # folder (DuckDB requires the same config for them).
             Path(self.temp_directory).mkdir(parents=True, exist_ok=True)
-            database = (f"mem{next(_SPILL_FOLDERS)}" if path == ":memory:" else
+            database = (f"mem{next(_SPILL_FOLDERS)}" if _in_memory(path) else
                         hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:12])
-            config["temp_directory"] = str(Path(self.temp_directory) / f"{os.getpid()}-{database}")
+            config["temp_directory"] = str(Path(self.temp_directory) / f"{_HOST}-{os.getpid()}-{database}")
         return config
 
 
 _SPILL_FOLDERS = itertools.count()
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
+
+
+def _in_memory(path) -> bool:
+    return str(path) in ("", ":memory:") or str(path).startswith(":memory:")
 
 
 # -- one writer per DuckDB file, across processes -----------------------------------------------
@@ -52,8 +59,9 @@ _SPILL_FOLDERS = itertools.count()
 # shared for read-only use, exclusive for writing, on ``<file>.lock`` beside the database.
 # Within one process the lock is reentrant (DuckDB shares one database instance per process).
 LOCK_TIMEOUT_S = float(os.environ.get("CLINICAL_DUCKDB_LOCK_TIMEOUT_S", "3600"))
-_held: dict[str, list] = {}  # database realpath -> [lock file descriptor, holders]
+_held: dict[str, list] = {}  # database realpath -> [lock file descriptor or None, holders, shared]
 _held_guard = threading.Lock()
+_acquiring: dict[str, threading.Lock] = {}  # one thread at a time takes a file's lock
 
 
 class DatabaseBusy(TimeoutError):
@@ -62,31 +70,26 @@ class DatabaseBusy(TimeoutError):
 
 @contextmanager
 def database_lock(path, shared: bool, timeout_s: Optional[float] = None) -> Iterator[None]:
-    """Hold the cross-process lock of the DuckDB file ``path`` (none for ``:memory:``)."""
-    if str(path) == ":memory:":
+    """Hold the cross-process lock of the DuckDB file ``path`` (none for an in-memory database)."""
+    if _in_memory(path):
         yield
         return
     key = os.path.realpath(path)
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     with _held_guard:
-        entry = _held.get(key)
-        if entry:
-            entry[1] += 1
-    if not entry:
-        Path(key).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise DatabaseBusy(f"{Path(key).name} stayed in use by another process for "
-                                       f"{LOCK_TIMEOUT_S if timeout_s is None else timeout_s:.0f} s") from None
-                time.sleep(0.1)
+        acquiring = _acquiring.setdefault(key, threading.Lock())
+    with acquiring:  # threads of this process: the first takes the file lock, the others count on it
         with _held_guard:
-            _held[key] = [fd, 1]
+            entry = _held.get(key)
+            if entry:
+                if entry[2] and not shared:
+                    raise RuntimeError(f"{Path(key).name} is open read-only in this process: it cannot also be "
+                                       "opened for writing (DuckDB refuses it too)")
+                entry[1] += 1
+        if not entry:
+            _held_entry = [_take_file_lock(key, shared, timeout_s), 1, shared]
+            with _held_guard:
+                _held[key] = _held_entry
     try:
         yield
     finally:
@@ -95,15 +98,43 @@ def database_lock(path, shared: bool, timeout_s: Optional[float] = None) -> Iter
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[key]
-                fcntl.flock(entry[0], fcntl.LOCK_UN)
-                os.close(entry[0])
+                if entry[0] is not None:
+                    fcntl.flock(entry[0], fcntl.LOCK_UN)
+                    os.close(entry[0])
+
+
+def _take_file_lock(key: str, shared: bool, timeout_s: float) -> Optional[int]:
+    """The descriptor of ``<key>.lock`` locked shared or exclusive, waiting up to ``timeout_s``.
+    A reader in a folder it may not write to takes no lock (DuckDB's own lock still applies)."""
+    if not shared:
+        Path(key).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(key + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        if shared:
+            return None
+        raise
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DatabaseBusy(f"{Path(key).name} stayed in use by another process for {timeout_s:.0f} s"
+                                       ) from None
+                time.sleep(0.1)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @contextmanager
 def open_database(path: str = ":memory:", settings: Optional["DuckDBSettings"] = None,
-                  read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+                  read_only: bool = False, lock_timeout_s: Optional[float] = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection to ``path`` under ``settings``, holding the file's lock while it is open."""
-    with database_lock(path, shared=read_only):
+    with database_lock(path, shared=read_only, timeout_s=lock_timeout_s):
         con = connect(path, settings, read_only=read_only)
         try:
             yield con

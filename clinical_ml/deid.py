@@ -347,21 +347,19 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
         JOIN ident_runs i ON i.ident_id = s.ident_id
         JOIN scrub_runs r ON r.note_id = s.note_id AND r.pos = s.first_pos + 2 * (i.k - 1) AND r.run = i.run
         GROUP BY s.note_id, s.first_pos, s.ident_id, s.n_runs HAVING count(*) = s.n_runs""")
+    # A matched note is rebuilt from its list of pieces in one row (no unnest, no ordered
+    # aggregate: memory stays per note): a redacted piece becomes [REDACTED], or nothing when the
+    # piece before it was redacted too (a run of redacted pieces is one tag).
     con.execute(f"""INSERT INTO {out_table}
-        WITH pieces AS (
-            SELECT note_id, unnest(p) AS piece, generate_subscripts(p, 1) AS pos
-            FROM (SELECT note_id, regexp_extract_all(note, '{_RUN}|[^\p{{L}}\p{{N}}]+') AS p
-                  FROM scrub_src WHERE note_id IN (SELECT note_id FROM scrub_matches))),
-        redacted AS (
-            SELECT DISTINCT note_id, unnest(range(first_pos, last_pos + 1)) AS pos FROM scrub_matches),
-        flagged AS (
-            SELECT p.note_id, p.pos, p.piece, x.pos IS NOT NULL AS red
-            FROM pieces p LEFT JOIN redacted x ON x.note_id = p.note_id AND x.pos = p.pos),
+        WITH redacted AS (
+            SELECT note_id, list_distinct(flatten(list(range(first_pos, last_pos + 1)))) AS red
+            FROM scrub_matches GROUP BY note_id),
         rebuilt AS (
-            SELECT note_id, string_agg(CASE WHEN NOT red THEN piece WHEN prev_red THEN '' ELSE '[REDACTED]' END, ''
-                                       ORDER BY pos) AS note
-            FROM (SELECT *, coalesce(lag(red) OVER (PARTITION BY note_id ORDER BY pos), false) AS prev_red FROM flagged)
-            GROUP BY note_id)
+            SELECT s.note_id, array_to_string(list_transform(
+                       regexp_extract_all(s.note, '{_RUN}|[^\p{{L}}\p{{N}}]+'),
+                       lambda piece, i: CASE WHEN NOT list_contains(x.red, i) THEN piece
+                                             WHEN list_contains(x.red, i - 1) THEN '' ELSE '[REDACTED]' END), '') AS note
+            FROM scrub_src s JOIN redacted x USING (note_id))
         SELECT s.note_id, {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
         FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""")
 
@@ -555,8 +553,9 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                 JOIN deid_patient_src p ON p.patient_id = ref_id(c.resource->'subject'->>'reference')
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(c.resource->'encounter'->>'reference')
             )""",
-        # The largest table: each resource is parsed once (json_extract of a list of paths), not
-        # once per `->` (about twice as fast on the population).
+        # The largest table: a resource's fields come from one json_extract of a list of paths, not
+        # one parse per `->` (about twice as fast); `obs` is inlined into both branches of the
+        # UNION (a materialized CTE of the population does not fit a bounded memory).
         "observation": f"""
             WITH fields AS (
                 SELECT json_extract(resource, ['$.subject.reference', '$.encounter.reference', '$.effectiveDateTime',

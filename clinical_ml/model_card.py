@@ -249,7 +249,7 @@ def _training_data_sources(stack: ExitStack, con: duckdb.DuckDBPyConnection, bat
     """The batch files the model trained on, oldest first, opened read-only; a single-file
     warehouse (raw, deid and features beside ml) is its own source."""
     keys = ((window or {}).get("batches") or []) if batch_store is not None else []
-    sources = [(key, stack.enter_context(read_only(batch_store.path(key))))
+    sources = [(key, stack.enter_context(read_only(batch_store.path(key), batch_store.duckdb_settings)))
                for key in keys if batch_store.path(key).exists()]
     return sources or ([("warehouse", con)] if table_exists(con, "features", "feature_spec") else [])
 

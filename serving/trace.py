@@ -56,7 +56,7 @@ def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) ->
     from clinical_ml.batches import read_only
     from clinical_ml.db import DatabaseBusy
 
-    opened = read_only(warehouse_path)
+    opened = read_only(warehouse_path, lock_timeout_s=5)  # a busy warehouse is "not verified", not a wait
     try:
         con = opened.__enter__()
     except (duckdb.Error, DatabaseBusy) as error:

@@ -53,6 +53,32 @@ def test_a_lock_held_too_long_is_a_clear_error(tmp_path):
     assert writer.wait(timeout=30) == 0
 
 
+def test_threads_of_one_process_share_the_lock_and_a_read_lock_is_not_silently_a_write_lock(tmp_path):
+    import threading
+
+    path = tmp_path / "w.duckdb"
+    held, errors = [], []
+
+    def hold():
+        try:
+            with database_lock(path, shared=False, timeout_s=5):
+                held.append(1)
+                time.sleep(0.3)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(held) == 4
+    with database_lock(path, shared=True):
+        with pytest.raises(RuntimeError, match="open read-only in this process"):
+            with database_lock(path, shared=False):
+                pass
+
+
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
     warehouse = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"), temp_directory=str(tmp_path / "spill"))
     started = time.monotonic()
@@ -136,9 +162,10 @@ def test_the_graph_on_a_two_worker_dask_cluster_gives_the_single_process_tables(
         failed = {step for step, outcome in outcomes.items() if outcome != "STEP_SUCCESS"}
         assert failed <= {"model_promotion"}, (name, outcomes, (single if name == "single" else dask).stderr[-3000:])
         assert len(outcomes) == 13, (name, sorted(outcomes))
-    # the steps really ran in two worker processes, not in the run's own
+    # the steps ran in the cluster's worker processes (two of them; Dask decides which takes which
+    # step), not in the run's own
     _, workers, run_pid = runs["dask"]
-    assert len(workers) == 2 and run_pid not in workers, (workers, run_pid)
+    assert 1 <= len(workers) <= 2 and run_pid not in workers, (workers, run_pid)
     assert runs["single"][1] == {runs["single"][2]}
 
     def fingerprints(home: Path) -> dict:

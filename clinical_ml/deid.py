@@ -278,10 +278,11 @@ def _apply_patterns(expr: str, patterns) -> str:
 NOTES_PER_SCRUB_BUCKET = 50_000
 
 
-def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql: str, out_table: str) -> None:
+def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql: str, out_table: str) -> int:
     """Scrub free text, set-based: ``notes_sql`` yields (note_id, owner, note), ``identifiers_sql``
     yields (owner, value), the note owner's own identifying values. Writes TEMP ``out_table``
-    (note_id, note_text).
+    (note_id, owner, bucket, note_text) in bucket order and returns the number of buckets
+    (``hash(owner) % buckets``: joins with the notes can go bucket by bucket too).
 
     The owner's identifiers are removed first, by a join rather than a per-note regex (which
     DuckDB would compile once per row): notes and identifiers are both cut into runs of Unicode
@@ -308,10 +309,11 @@ def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql:
               FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
         WHERE len(runs) > 0 ORDER BY bucket""", {"buckets": buckets})
     con.execute(f"CREATE OR REPLACE TEMP TABLE {out_table} (note_id {_column_type(con, 'scrub_all', 'note_id')}, "
-                "note_text VARCHAR)")
+                f"owner {_column_type(con, 'scrub_all', 'owner')}, bucket UBIGINT, note_text VARCHAR)")
     try:
         for bucket in range(buckets):
             _scrub_bucket(con, bucket, out_table)
+        return buckets
     finally:
         for table in ("scrub_all", "scrub_ids_all", "scrub_src", "scrub_ids", "scrub_runs", "scrub_matches"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
@@ -360,8 +362,9 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
                        lambda piece, i: CASE WHEN NOT list_contains(x.red, i) THEN piece
                                              WHEN list_contains(x.red, i - 1) THEN '' ELSE '[REDACTED]' END), '') AS note
             FROM scrub_src s JOIN redacted x USING (note_id))
-        SELECT s.note_id, {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
-        FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""")
+        SELECT s.note_id, s.owner, $bucket,
+               {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
+        FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""", {"bucket": bucket})
 
 
 def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identifiers: list[list[str]] | None = None) -> list[str]:
@@ -374,7 +377,7 @@ def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identi
     try:
         scrub_notes(con, "SELECT n AS note_id, n AS owner, note FROM scrub_input",
                     "SELECT n AS owner, unnest(tokens) AS value FROM scrub_input", "scrub_output")
-        scrubbed = dict(con.execute("SELECT note_id, note_text FROM scrub_output").fetchall())
+        scrubbed = dict(con.execute("SELECT note_id, note_text FROM scrub_output").fetchall())  # noqa: the owner stays
     finally:
         con.unregister("scrub_input")
         con.execute("DROP TABLE IF EXISTS scrub_output")
@@ -432,7 +435,7 @@ def deidentify(
         # DuckDB quotes offending values in its messages; they may be PHI. Keep only the shape.
         raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
     finally:
-        for table in ("deid_patient_src", "deid_encounter_keys", "deid_note_src", "deid_notes_scrubbed",
+        for table in ("deid_patient_src", "deid_encounter_keys", "deid_note_src", "deid_notes_scrubbed", "deid_document_fields",
                       "deid_medication_codes"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
@@ -494,7 +497,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                   UNION ALL
                   SELECT 'Observation', o.id, ref_id(o.resource->'subject'->>'reference'),
                          json_list(o.resource->'note') FROM {r}.observation o WHERE (o.resource->'note') IS NOT NULL))""")
-    scrub_notes(con, "SELECT * FROM deid_note_src",
+    note_buckets = scrub_notes(con, "SELECT * FROM deid_note_src",
                 "SELECT patient_id AS owner, unnest(flatten([ids.name, ids.identifier, ids.telecom, ids.address, "
                 "ids.birth_date])) AS value FROM deid_patient_src", "deid_notes_scrubbed")
 
@@ -623,27 +626,13 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             FROM resolved m
             JOIN deid_patient_src p ON p.patient_id = ref_id(m.resource->'subject'->>'reference')
             LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(m.resource->'encounter'->>'reference')""",
-        "document_reference": f"""
-            WITH docs AS (
-                SELECT pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, n.note_text,
-                    k.encounter_key,
-                    deid_date(coalesce(fhir_date(d.resource->>'date'),
-                                       fhir_date(d.resource->'context'->'period'->>'start')), p.shift_days) AS document_date,
-                    codings(d.resource->'type'->'coding')[1].code AS type_code
-                FROM {r}.document_reference d
-                JOIN deid_patient_src p ON p.patient_id = ref_id(d.resource->'subject'->>'reference')
-                LEFT JOIN deid_notes_scrubbed n ON n.note_id = 'DocumentReference/' || d.id
-                LEFT JOIN deid_encounter_keys k
-                    ON k.encounter_id = ref_id(d.resource->'context'->'encounter'->0->>'reference')
-            )
-            SELECT document_key, patient_key, encounter_key, document_date, type_code, note_text FROM docs""",
         # Annotation.text of Conditions and Observations (FHIR `note`): clinical free text,
         # scrubbed like the documents; author and time stay behind.
         "annotation": """
             SELECT split_part(n.note_id, '/', 1) AS source_type,
                    pseudonym(split_part(n.note_id, '/', 1), split_part(n.note_id, '/', 2)) AS source_key,
                    p.patient_key, n.note_text
-            FROM deid_notes_scrubbed n JOIN deid_note_src s USING (note_id) JOIN deid_patient_src p ON p.patient_id = s.owner
+            FROM deid_notes_scrubbed n JOIN deid_patient_src p ON p.patient_id = n.owner
             WHERE n.note_id NOT LIKE 'DocumentReference/%'""",
     }
 
@@ -653,6 +642,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {out_schema}")
         for name, sql in statements.items():
             con.execute(f"CREATE OR REPLACE TABLE {out_schema}.{name} AS {sql}")
+        _deidentify_documents(con, r, out_schema, note_buckets)
         rows, orphans, removed = _deid_counts(con, r, out_schema, raw_counts, restricted, left_behind)
         counts = pa.table({"category": list(removed), "removed": list(removed.values())})
         con.register("removal_counts", counts)
@@ -675,6 +665,31 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         reference_date=str(reference_date),
         resource_types_left_behind=left_behind,
     )
+
+
+def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, buckets: int) -> None:
+    """``document_reference``: the documents' fields, with their scrubbed notes joined bucket by
+    bucket (the notes' owner buckets), so no join holds the population's note texts at once."""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_document_fields AS
+        SELECT 'DocumentReference/' || d.id AS note_id, hash(p.patient_id) % $buckets AS bucket,
+            pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, k.encounter_key,
+            deid_date(coalesce(fhir_date(d.resource->>'date'),
+                               fhir_date(d.resource->'context'->'period'->>'start')), p.shift_days) AS document_date,
+            codings(d.resource->'type'->'coding')[1].code AS type_code
+        FROM {r}.document_reference d
+        JOIN deid_patient_src p ON p.patient_id = ref_id(d.resource->'subject'->>'reference')
+        LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(d.resource->'context'->'encounter'->0->>'reference')
+        ORDER BY bucket""", {"buckets": buckets})
+    con.execute(f"""CREATE OR REPLACE TABLE {out_schema}.document_reference AS
+        SELECT document_key, patient_key, encounter_key, document_date, type_code, NULL::VARCHAR AS note_text
+        FROM deid_document_fields LIMIT 0""")
+    for bucket in range(buckets):
+        con.execute(f"""INSERT INTO {out_schema}.document_reference
+            SELECT d.document_key, d.patient_key, d.encounter_key, d.document_date, d.type_code, n.note_text
+            FROM (SELECT * FROM deid_document_fields WHERE bucket = $bucket) d
+            LEFT JOIN (SELECT note_id, note_text FROM deid_notes_scrubbed WHERE bucket = $bucket) n USING (note_id)""",
+                    {"bucket": bucket})
+    con.execute("DROP TABLE deid_document_fields")
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str):

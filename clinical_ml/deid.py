@@ -863,14 +863,38 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
                 [schema, name]).fetchall())
             owner = '"patient_key"' if columns.get("patient_key") == "VARCHAR" else "NULL::VARCHAR"
             for column in [c for c, t in columns.items() if t == "VARCHAR"]:
-                rows = con.execute(
+                # a column's texts are scanned in buckets of their patients: the token table of a
+                # bucket, not of the population, is held at once
+                chars = con.execute(f'SELECT coalesce(sum(strlen("{column}")), 0) FROM {table}').fetchone()[0]
+                buckets = max(1, -(-int(chars) // LEAK_SCAN_CHARS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
+                hits_by_category: dict[str, int] = {}
+                for bucket in range(buckets):
+                    for category, hits in _leak_hits(con, table, column, owner, tags, buckets, bucket):
+                        hits_by_category[category] = hits_by_category.get(category, 0) + int(hits)
+                for category, hits in hits_by_category.items():
+                    findings.append({"table": table, "column": column, "category": category, "hits": hits})
+    except duckdb.Error as error:
+        raise DeidentificationError(f"leak scan failed: {safe_error_message(error)}") from None
+    finally:
+        con.execute("DROP TABLE IF EXISTS leak_ids")
+    return findings
+
+
+# Characters of one column scanned at once by the leak check (about 30 MB of text).
+LEAK_SCAN_CHARS_PER_BUCKET = 30_000_000
+
+
+def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str, buckets: int,
+               bucket: int) -> list[tuple[str, int]]:
+    """(category, hits) of one column, for the rows of one patient bucket."""
+    return con.execute(
                     f"""WITH texts AS (
                             SELECT row_number() OVER () AS text_id, owner, text
                             -- the scrubber's own tags ("[PHONE]") are not data: a patient named
                             -- "Phone" must not fail the check on every scrubbed note
                             FROM (SELECT DISTINCT {owner} AS owner,
                                          regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
-                                  FROM {table} WHERE "{column}" IS NOT NULL)),
+                                  FROM {table} WHERE "{column}" IS NOT NULL AND hash({owner}) % $buckets = $bucket)),
                         tokens AS (
                             SELECT DISTINCT text_id, owner, unnest(regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+')) AS token
                             FROM texts),
@@ -884,12 +908,4 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
                         JOIN tokens t ON t.token = i.first_token
                         JOIN texts x ON x.text_id = t.text_id AND contains(x.text, i.value)
                         WHERE NOT i.single_token AND (i.owner_key IS NULL OR i.owner_key = t.owner)
-                        GROUP BY i.category"""
-                ).fetchall()
-                for category, hits in rows:
-                    findings.append({"table": table, "column": column, "category": category, "hits": int(hits)})
-    except duckdb.Error as error:
-        raise DeidentificationError(f"leak scan failed: {safe_error_message(error)}") from None
-    finally:
-        con.execute("DROP TABLE IF EXISTS leak_ids")
-    return findings
+                        GROUP BY i.category""", {"buckets": buckets, "bucket": bucket}).fetchall()

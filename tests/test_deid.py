@@ -148,3 +148,26 @@ def test_notes_scrubbed_in_several_owner_buckets_equal_one_bucket(monkeypatch):
     assert many_buckets == one_bucket
     assert all("Quist" not in t and "555-010" not in t and "Ann" not in t for t in many_buckets)
     assert all("nurse" in t for t in many_buckets)
+
+
+def test_the_leak_check_in_patient_buckets_finds_what_one_pass_finds(small_export, monkeypatch):
+    """Bounded memory (a column's texts scanned per bucket of patients) finds the same leaks,
+    a patient's own name included (scoped to their rows, whichever bucket they fall in)."""
+    import clinical_ml.deid as deid
+
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    tables = [f"deid.{t}" for t in DEID_TABLES]
+    patients = read_resources(small_export, "Patient")
+    ssn = patients[3]["identifier"][1]["value"]
+    family = patients[5]["name"][0]["family"]
+    own_key = pseudonym(TEST_KEY, "Patient", patients[5]["id"])
+    con.execute("UPDATE deid.document_reference SET note_text = note_text || ' ssn ' || ? WHERE rowid = 0", [ssn])
+    con.execute("UPDATE deid.document_reference SET note_text = note_text || ' seen with ' || ? "
+                "WHERE rowid = (SELECT min(rowid) FROM deid.document_reference WHERE patient_key = ?)", [family, own_key])
+    one_pass = find_identifier_leaks(con, tables, TEST_KEY)
+    monkeypatch.setattr(deid, "LEAK_SCAN_CHARS_PER_BUCKET", 20_000)
+    in_buckets = find_identifier_leaks(con, tables, TEST_KEY)
+    assert sorted(map(str, in_buckets)) == sorted(map(str, one_pass))
+    assert {(f["category"], f["hits"]) for f in one_pass if f["column"] == "note_text"} >= {("identifier", 1), ("name", 1)}

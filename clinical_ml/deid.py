@@ -865,8 +865,10 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
             for column in [c for c, t in columns.items() if t == "VARCHAR"]:
                 # a column's texts are scanned in buckets of their patients: the token table of a
                 # bucket, not of the population, is held at once
-                chars = con.execute(f'SELECT coalesce(sum(strlen("{column}")), 0) FROM {table}').fetchone()[0]
-                buckets = max(1, -(-int(chars) // LEAK_SCAN_CHARS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
+                rows, chars = con.execute(f'SELECT count("{column}"), coalesce(sum(strlen("{column}")), 0) FROM {table}'
+                                          ).fetchone()
+                buckets = max(1, -(-int(chars) // LEAK_SCAN_CHARS_PER_BUCKET),
+                              -(-int(rows) // LEAK_SCAN_ROWS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
                 hits_by_category: dict[str, int] = {}
                 for bucket in range(buckets):
                     for category, hits in _leak_hits(con, table, column, owner, tags, buckets, bucket):
@@ -880,8 +882,9 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
     return findings
 
 
-# Characters of one column scanned at once by the leak check (about 30 MB of text).
+# How much of one column the leak check scans at once: about 30 MB of text, at most 1M values.
 LEAK_SCAN_CHARS_PER_BUCKET = 30_000_000
+LEAK_SCAN_ROWS_PER_BUCKET = 1_000_000
 
 
 def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str, buckets: int,

@@ -167,7 +167,10 @@ def test_the_leak_check_in_patient_buckets_finds_what_one_pass_finds(small_expor
     con.execute("UPDATE deid.document_reference SET note_text = note_text || ' seen with ' || ? "
                 "WHERE rowid = (SELECT min(rowid) FROM deid.document_reference WHERE patient_key = ?)", [family, own_key])
     one_pass = find_identifier_leaks(con, tables, TEST_KEY)
-    monkeypatch.setattr(deid, "LEAK_SCAN_CHARS_PER_BUCKET", 20_000)
+    monkeypatch.setattr(deid, "LEAK_SCAN_CHARS_PER_BUCKET", 20_000)  # buckets by text volume
     in_buckets = find_identifier_leaks(con, tables, TEST_KEY)
     assert sorted(map(str, in_buckets)) == sorted(map(str, one_pass))
+    monkeypatch.setattr(deid, "LEAK_SCAN_CHARS_PER_BUCKET", 10**12)
+    monkeypatch.setattr(deid, "LEAK_SCAN_ROWS_PER_BUCKET", 500)  # ... and by number of values
+    assert sorted(map(str, find_identifier_leaks(con, tables, TEST_KEY))) == sorted(map(str, one_pass))
     assert {(f["category"], f["hits"]) for f in one_pass if f["column"] == "note_text"} >= {("identifier", 1), ("name", 1)}

@@ -802,13 +802,15 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
                          f"full_name_texts(resource->'name'))), NULL FROM {raw_schema}.{table}")
             parts.append(f"SELECT 'telecom', unnest(telecom_values(resource->'telecom')), NULL FROM {raw_schema}.{table}")
     return f"""
-    WITH ids AS (SELECT id, resource, pseudonym('Patient', id) AS owner_key,
+    WITH ids AS MATERIALIZED (SELECT id, resource, pseudonym('Patient', id) AS owner_key,
                         {_patient_identifier_values_sql('resource')} AS ids FROM {raw_schema}.patient)
-    SELECT DISTINCT category, lower(trim(value)) AS value, owner_key,
-           lower(regexp_extract(trim(value), '[\\p{{L}}\\p{{N}}]+')) AS first_token,
-           regexp_full_match(trim(value), '[\\p{{L}}\\p{{N}}]+') AS single_token
-    FROM ({' UNION ALL '.join(parts)})
-    WHERE value IS NOT NULL AND length(trim(value)) >= 3
+    SELECT category, value, owner_key, phrase_runs, array_to_string(phrase_runs, ' ') AS phrase,
+           len(phrase_runs) = 1 AND value = phrase_runs[1] AS single_token
+    FROM (SELECT DISTINCT category, lower(trim(value)) AS value, owner_key,
+                 regexp_extract_all(lower(trim(value)), '[\\p{{L}}\\p{{N}}]+') AS phrase_runs
+          FROM ({' UNION ALL '.join(parts)})
+          WHERE value IS NOT NULL AND length(trim(value)) >= 3)
+    WHERE len(phrase_runs) > 0
     """
 
 
@@ -835,9 +837,10 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
     """Scan every text column of ``tables`` for original identifier values.
 
     Returns one row per (table, column, category) with a hit count, never the values themselves,
-    so the result is safe to log and to show as metadata. Texts are cut into runs of Unicode
-    letters and digits; a one-word identifier must equal such a run (a hash join), a longer one
-    ("12 Elm St", "555-010-4477") is looked for as a substring of the texts holding its first run.
+    so the result is safe to log and to show as metadata. Texts and values are cut into runs of
+    Unicode letters and digits; a one-word identifier must equal such a run (a hash join), a longer
+    one ("12 Elm St", "555-010-4477") must appear as consecutive runs, whatever the separators
+    ("555 010 4477" counts; "12 Elm Street" does not contain "12 Elm St").
     Values scoped to a patient (name tokens, city) count only in rows of that patient (matched by
     ``patient_key``, which is why the key is needed); a table without ``patient_key`` is checked
     for the unique values only.
@@ -855,6 +858,11 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
         con.execute(f"CREATE OR REPLACE TEMP TABLE leak_ids AS {_identifier_values_sql(con, raw_schema)}")
         if aggregate:
             con.execute("DELETE FROM leak_ids WHERE NOT regexp_matches(value, '\\p{L}')")
+        # the distinct runs of each phrase (a value of several runs), with how many it has
+        con.execute("""CREATE OR REPLACE TEMP TABLE leak_phrase_runs AS
+                       SELECT category, phrase, owner_key, run, count(*) OVER (PARTITION BY category, phrase, owner_key) AS runs
+                       FROM (SELECT DISTINCT category, phrase, owner_key, unnest(phrase_runs) AS run
+                             FROM leak_ids WHERE NOT single_token)""")
         _check_key_reproduces_patient_keys(con, tables)
         for table in tables:
             schema, name = table.split(".")
@@ -879,6 +887,7 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
         raise DeidentificationError(f"leak scan failed: {safe_error_message(error)}") from None
     finally:
         con.execute("DROP TABLE IF EXISTS leak_ids")
+        con.execute("DROP TABLE IF EXISTS leak_phrase_runs")
     return findings
 
 
@@ -889,26 +898,38 @@ LEAK_SCAN_ROWS_PER_BUCKET = 1_000_000
 
 def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str, buckets: int,
                bucket: int) -> list[tuple[str, int]]:
-    """(category, hits) of one column, for the rows of one patient bucket."""
+    """(category, hits) of one column, for the rows of one patient bucket.
+
+    A one-word value is a hash join of the texts' runs. A longer value ("12 elm st",
+    "555-010-4477") is found where its runs follow each other in a text, whatever separates them
+    ("555 010 4477" too). Candidates come from its rarest run in these texts: anchoring on the
+    first run joined every text holding "2" to every birth date starting with "2/"."""
     return con.execute(
-                    f"""WITH texts AS (
-                            SELECT row_number() OVER () AS text_id, owner, text
-                            -- the scrubber's own tags ("[PHONE]") are not data: a patient named
-                            -- "Phone" must not fail the check on every scrubbed note
-                            FROM (SELECT DISTINCT {owner} AS owner,
-                                         regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
-                                  FROM {table} WHERE "{column}" IS NOT NULL AND hash({owner}) % $buckets = $bucket)),
-                        tokens AS (
-                            SELECT DISTINCT text_id, owner, unnest(regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+')) AS token
-                            FROM texts),
-                        scoped AS (
-                            SELECT * FROM leak_ids i WHERE i.owner_key IS NULL
-                                OR i.owner_key IN (SELECT owner FROM texts WHERE owner IS NOT NULL))
-                        SELECT i.category, count(*) FROM scoped i JOIN tokens t ON t.token = i.value
-                        WHERE i.single_token AND (i.owner_key IS NULL OR i.owner_key = t.owner) GROUP BY i.category
-                        UNION ALL
-                        SELECT i.category, count(*) FROM scoped i
-                        JOIN tokens t ON t.token = i.first_token
-                        JOIN texts x ON x.text_id = t.text_id AND contains(x.text, i.value)
-                        WHERE NOT i.single_token AND (i.owner_key IS NULL OR i.owner_key = t.owner)
-                        GROUP BY i.category""", {"buckets": buckets, "bucket": bucket}).fetchall()
+        f"""WITH texts AS (
+                SELECT row_number() OVER () AS text_id, owner, runs, ' ' || array_to_string(runs, ' ') || ' ' AS flat
+                FROM (SELECT owner, regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+') AS runs
+                      -- the scrubber's own tags ("[PHONE]") are not data: a patient named
+                      -- "Phone" must not fail the check on every scrubbed note
+                      FROM (SELECT DISTINCT {owner} AS owner,
+                                   regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
+                            FROM {table} WHERE "{column}" IS NOT NULL AND hash({owner}) % $buckets = $bucket))),
+            tokens AS (SELECT DISTINCT text_id, owner, unnest(runs) AS token FROM texts),
+            frequency AS (SELECT token, count(*) AS texts FROM tokens GROUP BY token),
+            phrases AS (  -- a phrase with a run none of these texts holds cannot be in them
+                SELECT p.category, p.phrase, p.owner_key, arg_min(p.run, f.texts) AS anchor
+                FROM frequency f JOIN leak_phrase_runs p ON p.run = f.token
+                GROUP BY ALL HAVING count(*) = any_value(p.runs))
+            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
+            WHERE i.single_token AND i.owner_key IS NULL GROUP BY i.category
+            UNION ALL
+            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value AND t.owner = i.owner_key
+            WHERE i.single_token GROUP BY i.category
+            UNION ALL
+            SELECT p.category, count(*) FROM phrases p
+            JOIN tokens t ON t.token = p.anchor JOIN texts x ON x.text_id = t.text_id
+            WHERE p.owner_key IS NULL AND contains(x.flat, ' ' || p.phrase || ' ') GROUP BY p.category
+            UNION ALL
+            SELECT p.category, count(*) FROM phrases p
+            JOIN tokens t ON t.token = p.anchor AND t.owner = p.owner_key JOIN texts x ON x.text_id = t.text_id
+            WHERE contains(x.flat, ' ' || p.phrase || ' ') GROUP BY p.category""",
+        {"buckets": buckets, "bucket": bucket}).fetchall()

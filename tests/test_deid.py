@@ -109,6 +109,23 @@ def test_leak_check_finds_a_planted_identifier_without_revealing_it(small_export
     assert ssn not in repr(findings)
 
 
+def test_leak_check_matches_multi_word_identifiers_by_their_runs_whatever_the_separators(small_export):
+    """"999 12 3456" is the SSN "999-12-3456" written otherwise; "999-12-34567" is another number."""
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    tables = ["deid.document_reference"]
+    ssn = read_resources(small_export, "Patient")[3]["identifier"][1]["value"]
+    assert "-" in ssn
+    con.execute("UPDATE deid.document_reference SET note_text = note_text || ' ref ' || ? WHERE rowid = 1",
+                [ssn + "7"])
+    assert find_identifier_leaks(con, tables, TEST_KEY) == []
+    con.execute("UPDATE deid.document_reference SET note_text = note_text || ' (' || ? || ').' WHERE rowid = 2",
+                [ssn.replace("-", " ")])
+    assert find_identifier_leaks(con, tables, TEST_KEY) == [
+        {"table": "deid.document_reference", "column": "note_text", "category": "identifier", "hits": 1}]
+
+
 def test_missing_key_is_a_clear_error_without_key_material(monkeypatch):
     monkeypatch.delenv("DEID_SECRET_KEY", raising=False)
     monkeypatch.delenv("CLINICAL_DEMO_MODE", raising=False)

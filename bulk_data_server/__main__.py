@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import threading
 from pathlib import Path
 
@@ -50,9 +51,13 @@ def main(argv: list[str] | None = None) -> None:
         print(server.base_url, flush=True)
         if args.require_auth:
             print(f"token endpoint: {server.token_url}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
+        # Ctrl-C and `kill` (SIGTERM, as container runtimes send) both stop it cleanly. The wait is
+        # timed so a signal is acted on within half a second whatever the wait primitive does
+        # with EINTR (an untimed wait once kept CI's server alive past its 10 s).
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
             pass
 
 

@@ -478,7 +478,8 @@ def test_shared_sample_is_served_in_full(client):
         assert {o["type"]: len(ndjson(client.get(o["url"]))) for o in manifest["output"]} == lines
 
 
-def test_cli_serves_a_directory_until_interrupted(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_cli_serves_a_directory_until_stopped(tmp_path, stop_signal):
     (tmp_path / "Patient.000.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}) + b"\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "bulk_data_server", "--port", "0", "--ndjson-dir", str(tmp_path)],
@@ -489,8 +490,10 @@ def test_cli_serves_a_directory_until_interrupted(tmp_path):
         assert ready, "the server printed nothing"
         base_url = process.stdout.readline().strip()
         assert httpx.get(base_url + "/metadata", timeout=10).status_code == 200
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(timeout=10) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(base_url + "/metadata", timeout=5)
     finally:
         if process.poll() is None:
             process.kill()

@@ -33,7 +33,7 @@ import duckdb
 import pyarrow as pa
 
 from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
-from clinical_ml.db import table_exists, transaction
+from clinical_ml.db import quote_ident, table_exists, transaction
 from clinical_ml.ingest import BOOKKEEPING_TABLES
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
@@ -866,20 +866,21 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
         _check_key_reproduces_patient_keys(con, tables)
         for table in tables:
             schema, name = table.split(".")
+            source = f"{quote_ident(schema)}.{quote_ident(name)}"
             columns = dict(con.execute(
                 "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ?",
                 [schema, name]).fetchall())
-            owner = '"patient_key"' if columns.get("patient_key") == "VARCHAR" else "NULL::VARCHAR"
+            owner = quote_ident("patient_key") if columns.get("patient_key") == "VARCHAR" else "NULL::VARCHAR"
             for column in [c for c, t in columns.items() if t == "VARCHAR"]:
                 # a column's texts are scanned in buckets of their patients: the token table of a
                 # bucket, not of the population, is held at once
-                rows, chars = con.execute(f'SELECT count("{column}"), coalesce(sum(strlen("{column}")), 0) FROM {table}'
-                                          ).fetchone()
+                rows, chars = con.execute(f"SELECT count({quote_ident(column)}), "
+                                          f"coalesce(sum(strlen({quote_ident(column)})), 0) FROM {source}").fetchone()
                 buckets = max(1, -(-int(chars) // LEAK_SCAN_CHARS_PER_BUCKET),
                               -(-int(rows) // LEAK_SCAN_ROWS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
                 hits_by_category: dict[str, int] = {}
                 for bucket in range(buckets):
-                    for category, hits in _leak_hits(con, table, column, owner, tags, buckets, bucket):
+                    for category, hits in _leak_hits(con, source, quote_ident(column), owner, tags, buckets, bucket):
                         hits_by_category[category] = hits_by_category.get(category, 0) + int(hits)
                 for category, hits in hits_by_category.items():
                     findings.append({"table": table, "column": column, "category": category, "hits": hits})
@@ -898,7 +899,8 @@ LEAK_SCAN_ROWS_PER_BUCKET = 1_000_000
 
 def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str, buckets: int,
                bucket: int) -> list[tuple[str, int]]:
-    """(category, hits) of one column, for the rows of one patient bucket.
+    """(category, hits) of one column, for the rows of one patient bucket (``table``, ``column``
+    and ``owner`` are quoted SQL).
 
     A one-word value is a hash join of the texts' runs. A longer value ("12 elm st",
     "555-010-4477") is found where its runs follow each other in a text, whatever separates them
@@ -911,8 +913,8 @@ def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: s
                       -- the scrubber's own tags ("[PHONE]") are not data: a patient named
                       -- "Phone" must not fail the check on every scrubbed note
                       FROM (SELECT DISTINCT {owner} AS owner,
-                                   regexp_replace(lower("{column}"), '\\[(?:{tags})\\]', ' ', 'g') AS text
-                            FROM {table} WHERE "{column}" IS NOT NULL AND hash({owner}) % $buckets = $bucket))),
+                                   regexp_replace(lower({column}), '\\[(?:{tags})\\]', ' ', 'g') AS text
+                            FROM {table} WHERE {column} IS NOT NULL AND hash({owner}) % $buckets = $bucket))),
             tokens AS (SELECT DISTINCT text_id, owner, unnest(runs) AS token FROM texts),
             frequency AS (SELECT token, count(*) AS texts FROM tokens GROUP BY token),
             phrases AS (  -- a phrase with a run none of these texts holds cannot be in them

@@ -377,7 +377,7 @@ def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identi
     try:
         scrub_notes(con, "SELECT n AS note_id, n AS owner, note FROM scrub_input",
                     "SELECT n AS owner, unnest(tokens) AS value FROM scrub_input", "scrub_output")
-        scrubbed = dict(con.execute("SELECT note_id, note_text FROM scrub_output").fetchall())  # noqa: the owner stays
+        scrubbed = dict(con.execute("SELECT note_id, note_text FROM scrub_output").fetchall())
     finally:
         con.unregister("scrub_input")
         con.execute("DROP TABLE IF EXISTS scrub_output")

@@ -278,6 +278,13 @@ def _apply_patterns(expr: str, patterns) -> str:
 NOTES_PER_SCRUB_BUCKET = 50_000
 
 
+def owner_bucket_sql(expr: str) -> str:
+    """SQL for the hash bucket of ``expr`` among ``$buckets`` (compare it with ``$bucket::UBIGINT``).
+    The casts matter: a Python int binds as INTEGER, which makes the modulo HUGEINT arithmetic,
+    about 80x slower (4 s instead of 0.05 s over 10M rows)."""
+    return f"(hash({expr}) % $buckets::UBIGINT)"
+
+
 def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql: str, out_table: str) -> int:
     """Scrub free text, set-based: ``notes_sql`` yields (note_id, owner, note), ``identifiers_sql``
     yields (owner, value), the note owner's own identifying values. Writes TEMP ``out_table``
@@ -301,10 +308,10 @@ def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql:
     # the bucket is computed once and the rows stored in its order, so that each bucket's
     # statements read only their own row groups
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_all AS
-        SELECT note_id, owner, note, hash(owner) % $buckets AS bucket FROM ({notes_sql}) WHERE note IS NOT NULL
+        SELECT note_id, owner, note, {owner_bucket_sql('owner')} AS bucket FROM ({notes_sql}) WHERE note IS NOT NULL
         ORDER BY bucket""", {"buckets": buckets})
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_ids_all AS
-        SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs, hash(owner) % $buckets AS bucket
+        SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs, {owner_bucket_sql('owner')} AS bucket
         FROM (SELECT DISTINCT owner, regexp_extract_all(lower(trim(value)), '{_RUN}') AS runs
               FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
         WHERE len(runs) > 0 ORDER BY bucket""", {"buckets": buckets})
@@ -328,9 +335,9 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
     params = {"bucket": bucket}
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_src AS
         SELECT note_id, owner, {_apply_patterns('note', NOTE_PATTERNS[:_PRE_PATTERNS])} AS note
-        FROM scrub_all WHERE bucket = $bucket""", params)
+        FROM scrub_all WHERE bucket = $bucket::UBIGINT""", params)
     con.execute("CREATE OR REPLACE TEMP TABLE scrub_ids AS SELECT owner, ident_id, runs, n_runs FROM scrub_ids_all "
-                "WHERE bucket = $bucket", params)
+                "WHERE bucket = $bucket::UBIGINT", params)
     # The runs of notes whose owner has identifiers, with their piece positions.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_runs AS
         SELECT note_id, owner, pos, lower(piece) AS run FROM (
@@ -362,7 +369,7 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
                        lambda piece, i: CASE WHEN NOT list_contains(x.red, i) THEN piece
                                              WHEN list_contains(x.red, i - 1) THEN '' ELSE '[REDACTED]' END), '') AS note
             FROM scrub_src s JOIN redacted x USING (note_id))
-        SELECT s.note_id, s.owner, $bucket,
+        SELECT s.note_id, s.owner, $bucket::UBIGINT,
                {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
         FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""", {"bucket": bucket})
 
@@ -671,7 +678,7 @@ def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: st
     """``document_reference``: the documents' fields, with their scrubbed notes joined bucket by
     bucket (the notes' owner buckets), so no join holds the population's note texts at once."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_document_fields AS
-        SELECT 'DocumentReference/' || d.id AS note_id, hash(p.patient_id) % $buckets AS bucket,
+        SELECT 'DocumentReference/' || d.id AS note_id, {owner_bucket_sql('p.patient_id')} AS bucket,
             pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, k.encounter_key,
             deid_date(coalesce(fhir_date(d.resource->>'date'),
                                fhir_date(d.resource->'context'->'period'->>'start')), p.shift_days) AS document_date,
@@ -686,8 +693,8 @@ def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: st
     for bucket in range(buckets):
         con.execute(f"""INSERT INTO {out_schema}.document_reference
             SELECT d.document_key, d.patient_key, d.encounter_key, d.document_date, d.type_code, n.note_text
-            FROM (SELECT * FROM deid_document_fields WHERE bucket = $bucket) d
-            LEFT JOIN (SELECT note_id, note_text FROM deid_notes_scrubbed WHERE bucket = $bucket) n USING (note_id)""",
+            FROM (SELECT * FROM deid_document_fields WHERE bucket = $bucket::UBIGINT) d
+            LEFT JOIN (SELECT note_id, note_text FROM deid_notes_scrubbed WHERE bucket = $bucket::UBIGINT) n USING (note_id)""",
                     {"bucket": bucket})
     con.execute("DROP TABLE deid_document_fields")
 
@@ -914,7 +921,7 @@ def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: s
                       -- "Phone" must not fail the check on every scrubbed note
                       FROM (SELECT DISTINCT {owner} AS owner,
                                    regexp_replace(lower({column}), '\\[(?:{tags})\\]', ' ', 'g') AS text
-                            FROM {table} WHERE {column} IS NOT NULL AND hash({owner}) % $buckets = $bucket))),
+                            FROM {table} WHERE {column} IS NOT NULL AND {owner_bucket_sql(owner)} = $bucket::UBIGINT))),
             tokens AS (SELECT DISTINCT text_id, owner, unnest(runs) AS token FROM texts),
             frequency AS (SELECT token, count(*) AS texts FROM tokens GROUP BY token),
             phrases AS (  -- a phrase with a run none of these texts holds cannot be in them

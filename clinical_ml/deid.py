@@ -564,8 +564,9 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(c.resource->'encounter'->>'reference')
             )""",
         # The largest table: a resource's fields come from one json_extract of a list of paths, not
-        # one parse per `->` (about twice as fast); `obs` is inlined into both branches of the
-        # UNION (a materialized CTE of the population does not fit a bounded memory).
+        # one parse per `->` (about twice as fast), and each resource is parsed once: its value and
+        # its components become one list of measurements, unnested (a UNION of the two would parse
+        # twice, or materialize the population's fields).
         "observation": f"""
             WITH fields AS (
                 SELECT json_extract(resource, ['$.subject.reference', '$.encounter.reference', '$.effectiveDateTime',
@@ -573,34 +574,27 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                                                '$.valueQuantity', '$.valueCodeableConcept', '$.component']) AS f
                 FROM {r}.observation
             ),
-            obs AS NOT MATERIALIZED (
+            measurements AS (
                 SELECT p.patient_key, k.encounter_key,
-                    f[6] AS code_coding, f[7] AS quantity, f[8] AS concept, f[9] AS component,
                     deid_date(coalesce(fhir_date(f[3]->>'$'), fhir_date(f[4]->>'$'), fhir_date(f[5]->>'$')),
-                              p.shift_days) AS effective_date
+                              p.shift_days) AS effective_date,
+                    unnest(list_concat(
+                        CASE WHEN f[7] IS NOT NULL OR f[8] IS NOT NULL
+                             THEN [{{'coding': f[6], 'quantity': f[7], 'concept': f[8]}}] ELSE [] END,
+                        list_transform(json_list(f[9]), lambda c: {{'coding': c->'code'->'coding',
+                                                                   'quantity': c->'valueQuantity',
+                                                                   'concept': c->'valueCodeableConcept'}}))) AS m
                 FROM fields
                 JOIN deid_patient_src p ON p.patient_id = ref_id(f[1]->>'$')
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(f[2]->>'$')
-            ),
-            components AS (
-                SELECT patient_key, encounter_key, effective_date, unnest(json_list(component)) AS c
-                FROM obs WHERE component IS NOT NULL
             )
             SELECT patient_key, encounter_key, effective_date,
-                coalesce(list_filter(codings(code_coding), lambda x: x.system = 'http://loinc.org')[1].code,
-                         codings(code_coding)[1].code) AS code,
-                TRY_CAST(quantity->>'value' AS DOUBLE) AS value_num,
-                quantity->>'unit' AS unit,
-                codings(concept->'coding')[1].code AS value_code
-            FROM obs WHERE quantity IS NOT NULL OR concept IS NOT NULL
-            UNION ALL
-            SELECT patient_key, encounter_key, effective_date,
-                coalesce(list_filter(codings(c->'code'->'coding'), lambda x: x.system = 'http://loinc.org')[1].code,
-                         codings(c->'code'->'coding')[1].code),
-                TRY_CAST(c->'valueQuantity'->>'value' AS DOUBLE),
-                c->'valueQuantity'->>'unit',
-                codings(c->'valueCodeableConcept'->'coding')[1].code
-            FROM components""",
+                coalesce(list_filter(codings(m.coding), lambda x: x.system = 'http://loinc.org')[1].code,
+                         codings(m.coding)[1].code) AS code,
+                TRY_CAST(m.quantity->>'value' AS DOUBLE) AS value_num,
+                m.quantity->>'unit' AS unit,
+                codings(m.concept->'coding')[1].code AS value_code
+            FROM measurements""",
         # The drug is named inline (medicationCodeableConcept) or by reference to a Medication:
         # a contained one ("#id") or a landed Medication resource. Only its code crosses.
         "medication_request": f"""

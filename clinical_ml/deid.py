@@ -493,9 +493,10 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
     )
     # Notes (DocumentReference attachments, Condition and Observation `note`), scrubbed together.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_note_src AS
-        SELECT 'DocumentReference/' || d.id AS note_id, p.patient_id AS owner,
-               TRY(decode(from_base64(d.resource->'content'->0->'attachment'->>'data'))) AS note
-        FROM {r}.document_reference d JOIN deid_patient_src p ON p.patient_id = ref_id(d.resource->'subject'->>'reference')
+        SELECT 'DocumentReference/' || d.id AS note_id, p.patient_id AS owner, TRY(decode(from_base64(d.f[2]))) AS note
+        FROM (SELECT id, json_extract_string(resource, ['$.subject.reference', '$.content[0].attachment.data']) AS f
+              FROM {r}.document_reference) d  -- one parse: a document carries its whole text
+        JOIN deid_patient_src p ON p.patient_id = ref_id(d.f[1])
         UNION ALL
         SELECT t || '/' || id || '/' || k, owner, note FROM (
             SELECT t, id, owner, unnest(notes)->>'text' AS note, generate_subscripts(notes, 1) AS k
@@ -534,16 +535,19 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             SELECT k.encounter_key, p.patient_key,
                 {encounter_class_sql("e.class_code")} AS encounter_class,
                 e.class_code AS encounter_class_source,
-                codings(e.resource->'type'->0->'coding')[1].code AS type_code,
-                deid_date(fhir_date(e.resource->'period'->>'start'), p.shift_days) AS start_date,
-                deid_date(fhir_date(e.resource->'period'->>'end'), p.shift_days) AS end_date,
-                e.resource->>'status' AS status
-            FROM (SELECT *, coalesce(resource->'class'->>'code',                     -- R4 Coding
-                                     resource->'class'->0->'coding'->0->>'code',     -- R5 CodeableConcept[]
-                                     CASE WHEN json_type(resource->'class') = 'VARCHAR'
-                                          THEN resource->>'class' END)               -- DSTU2 code string
-                          AS class_code FROM {r}.encounter) e
-            JOIN deid_patient_src p ON p.patient_id = ref_id(e.resource->'subject'->>'reference')
+                codings(e.f[2])[1].code AS type_code,
+                deid_date(fhir_date(e.f[3]->>'$'), p.shift_days) AS start_date,
+                deid_date(fhir_date(e.f[4]->>'$'), p.shift_days) AS end_date,
+                e.f[5]->>'$' AS status
+            FROM (SELECT id, f, coalesce(f[1]->>'code',                       -- R4 Coding
+                                         f[1]->0->'coding'->0->>'code',       -- R5 CodeableConcept[]
+                                         CASE WHEN json_type(f[1]) = 'VARCHAR'
+                                              THEN f[1]->>'$' END)            -- DSTU2 code string
+                          AS class_code
+                  FROM (SELECT id, json_extract(resource, ['$.class', '$.type[0].coding', '$.period.start',
+                                                           '$.period.end', '$.status', '$.subject.reference']) AS f
+                        FROM {r}.encounter)) e  -- one parse per resource, not one per field
+            JOIN deid_patient_src p ON p.patient_id = ref_id(e.f[6]->>'$')
             JOIN deid_encounter_keys k ON k.encounter_id = e.id""",
         "condition": f"""
             SELECT condition_key, patient_key, encounter_key, coding.system AS code_system, coding.code AS code,
@@ -674,12 +678,13 @@ def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: st
     con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_document_fields AS
         SELECT 'DocumentReference/' || d.id AS note_id, {owner_bucket_sql('p.patient_id')} AS bucket,
             pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, k.encounter_key,
-            deid_date(coalesce(fhir_date(d.resource->>'date'),
-                               fhir_date(d.resource->'context'->'period'->>'start')), p.shift_days) AS document_date,
-            codings(d.resource->'type'->'coding')[1].code AS type_code
-        FROM {r}.document_reference d
-        JOIN deid_patient_src p ON p.patient_id = ref_id(d.resource->'subject'->>'reference')
-        LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(d.resource->'context'->'encounter'->0->>'reference')
+            deid_date(coalesce(fhir_date(d.f[2]->>'$'), fhir_date(d.f[3]->>'$')), p.shift_days) AS document_date,
+            codings(d.f[4])[1].code AS type_code
+        FROM (SELECT id, json_extract(resource, ['$.subject.reference', '$.date', '$.context.period.start', '$.type.coding',
+                                                 '$.context.encounter[0].reference']) AS f
+              FROM {r}.document_reference) d  -- one parse of the document (its text included), not one per field
+        JOIN deid_patient_src p ON p.patient_id = ref_id(d.f[1]->>'$')
+        LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(d.f[5]->>'$')
         ORDER BY bucket""", {"buckets": buckets})
     con.execute(f"""CREATE OR REPLACE TABLE {out_schema}.document_reference AS
         SELECT document_key, patient_key, encounter_key, document_date, type_code, NULL::VARCHAR AS note_text

@@ -359,13 +359,15 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
         FROM scrub_all WHERE bucket = $bucket::UBIGINT""", params)
     con.execute("CREATE OR REPLACE TEMP TABLE scrub_ids AS SELECT owner, ident_id, runs, n_runs FROM scrub_ids_all "
                 "WHERE bucket = $bucket::UBIGINT", params)
-    # The runs of notes whose owner has identifiers, with their piece positions.
+    # The runs of notes whose owner has identifiers, with their piece positions. Pieces alternate
+    # run / separator, so the j-th run is piece 2j - 1, or 2j when the note starts with a separator:
+    # only the runs are cut out and unnested, not the separators.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_runs AS
-        SELECT note_id, owner, pos, lower(piece) AS run FROM (
-            SELECT note_id, owner, unnest(p) AS piece, generate_subscripts(p, 1) AS pos
-            FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}|[^\p{{L}}\p{{N}}]+') AS p
-                  FROM scrub_src WHERE owner IN (SELECT owner FROM scrub_ids)))
-        WHERE regexp_full_match(piece, '{_RUN}')""")
+        SELECT note_id, owner, 2 * j - 1 + sep_first AS pos, lower(run) AS run FROM (
+            SELECT note_id, owner, sep_first, unnest(runs) AS run, generate_subscripts(runs, 1) AS j
+            FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}') AS runs,
+                         CASE WHEN regexp_matches(note, '^{_RUN}') THEN 0 ELSE 1 END AS sep_first
+                  FROM scrub_src WHERE owner IN (SELECT owner FROM scrub_ids)))""")
     con.execute("""CREATE OR REPLACE TEMP TABLE scrub_matches AS
         WITH ident_runs AS (
             SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k FROM scrub_ids),

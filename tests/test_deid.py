@@ -191,3 +191,11 @@ def test_the_leak_check_in_patient_buckets_finds_what_one_pass_finds(small_expor
     monkeypatch.setattr(deid, "LEAK_SCAN_ROWS_PER_BUCKET", 500)  # ... and by number of values
     assert sorted(map(str, find_identifier_leaks(con, tables, TEST_KEY))) == sorted(map(str, one_pass))
     assert {(f["category"], f["hits"]) for f in one_pass if f["column"] == "note_text"} >= {("identifier", 1), ("name", 1)}
+
+
+def test_scrubbing_redacts_exactly_the_identifier_whether_a_note_starts_with_a_word_or_a_separator():
+    texts = ["Łukasz Müller-Kowalski, seen today.", "— Łukasz Müller-Kowalski, seen today.",
+             "  (Łukasz) seen, then ŁUKASZ again."]
+    owners = [["Łukasz Müller-Kowalski"], ["Łukasz Müller-Kowalski"], ["Łukasz"]]
+    assert scrub_notes_sql(duckdb.connect(), texts, owners) == [
+        "[REDACTED], seen today.", "— [REDACTED], seen today.", "  ([REDACTED]) seen, then [REDACTED] again."]

@@ -2,7 +2,7 @@ import duckdb
 import pytest
 
 from clinical_ml.deid import (DEID_TABLES, DeidentificationError, MissingSecretKey, date_shift_days, deidentify, find_identifier_leaks,
-                              pseudonym, scrub_notes_sql)
+                              pseudonym, register_macros, scrub_notes_sql)
 from clinical_ml.ingest import land_ndjson
 from clinical_ml.synthetic import patient_identifiers
 from resources.deid_key import DeidKey
@@ -199,3 +199,15 @@ def test_scrubbing_redacts_exactly_the_identifier_whether_a_note_starts_with_a_w
     owners = [["Łukasz Müller-Kowalski"], ["Łukasz Müller-Kowalski"], ["Łukasz"]]
     assert scrub_notes_sql(duckdb.connect(), texts, owners) == [
         "[REDACTED], seen today.", "— [REDACTED], seen today.", "  ([REDACTED]) seen, then [REDACTED] again."]
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("Patient/123", "123"), ("urn:uuid:abc-1", "abc-1"), ("https://ehr.example.org/fhir/Patient/7", "7"),
+    ("Patient/1/_history/2", "1"), ("fhir2Patient/9", "9"), ("a1b/123", "123"),
+    ("Patient/", None), ("Patient/1/", None), ("123", None), ("/1", None), ("Patient//1", None), ("#med1", None),
+    ("Patient/1/_history/", None), ("x/Patient/1/_history/2/extra", None),
+])
+def test_reference_ids_resolve_for_every_reference_shape(reference, expected):
+    con = duckdb.connect()
+    register_macros(con)
+    assert con.execute("SELECT ref_id(?::VARCHAR)", [reference]).fetchone()[0] == expected

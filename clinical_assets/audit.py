@@ -9,7 +9,6 @@ from clinical_assets.model import trained_model
 from clinical_assets.raw_fhir import raw_fhir
 from clinical_assets.validation import validation_report
 from clinical_ml.audit import batch_facts, model_facts
-from clinical_ml.batches import read_only
 from resources.audit_store import AuditStore
 from resources.warehouse import DuckDBWarehouse
 
@@ -35,7 +34,7 @@ def audit_record(context: AssetExecutionContext, warehouse: DuckDBWarehouse, aud
     store = warehouse.batch_store()
     batches = {}
     for key in keys:
-        with read_only(store.path(key), store.duckdb_settings) as con:
+        with store.read(key) as con:
             batches[key] = batch_facts(con)
     record = audit_store.append({"dagster_run_id": context.run_id, **facts, "batches": batches})
     intact, broken_at = audit_store.verify()

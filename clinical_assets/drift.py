@@ -8,7 +8,7 @@ from clinical_assets.features import feature_matrix
 from clinical_assets.metadata import markdown_table
 from clinical_assets.model import trained_model
 from clinical_assets.deidentified import leak_check_result
-from clinical_ml.batches import downstream_identifier_leaks, model_window, read_only
+from clinical_ml.batches import downstream_identifier_leaks, model_window
 from clinical_ml.drift import drift_table, evidently_report, save_drift_report
 from clinical_ml.features import MODEL_FEATURES, read_feature_matrix
 from clinical_ml.model_store import serving_model
@@ -44,7 +44,7 @@ def drift_report(context: AssetExecutionContext, warehouse: DuckDBWarehouse, mlf
     with warehouse.connect() as con:
         model = serving_model(con, mlflow.alias_version("champion"))
     reference = model_window(store, model.training_window).frame
-    with read_only(store.path(batch), store.duckdb_settings) as con:
+    with store.read(batch) as con:
         current = read_feature_matrix(con)
     # one threshold for the report, its check and the sensor (which reads it from this metadata)
     policy = current_policy()

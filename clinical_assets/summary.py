@@ -5,7 +5,7 @@ import json
 
 from clinical_ml.audit import verify_chain
 from clinical_ml.db import table_exists
-from clinical_ml.batches import read_only, read_window
+from clinical_ml.batches import read_window
 from clinical_ml.training import TrainingConfig, check_trainable, frame_hash
 from resources.warehouse import DuckDBWarehouse
 
@@ -19,7 +19,7 @@ def main() -> None:
         print("batches          nothing landed yet")
         return
     for key in keys:
-        with read_only(store.path(key), store.duckdb_settings) as con:
+        with store.read(key) as con:
             if not table_exists(con, "raw", "landing_files"):
                 print(f"batch {key:<10} registered, not landed")
                 continue

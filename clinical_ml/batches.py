@@ -109,12 +109,16 @@ class BatchStore:
         path = self._source_path(key)
         return BatchSource(**json.loads(path.read_text())) if path.exists() else BatchSource()
 
+    def read(self, key: str) -> "read_only":
+        """``with store.read(key) as con``: the batch's file, read-only, under the store's DuckDB settings."""
+        return read_only(self.path(key), self.duckdb_settings)
+
     def featurized(self, keys: list[str] | None = None) -> list[str]:
         """Of ``keys`` (default: all), those whose file holds a feature matrix, oldest first."""
         ready = []
         for key in self.keys() if keys is None else keys:
             if self.path(key).exists():
-                with read_only(self.path(key), self.duckdb_settings) as con:
+                with self.read(key) as con:
                     if table_exists(con, "features", "feature_matrix"):
                         ready.append(key)
         return ready
@@ -242,7 +246,7 @@ def previous_landed(store: BatchStore, key: str) -> str | None:
     earlier = keys[:keys.index(key)] if key in keys else keys
     for candidate in reversed(earlier):
         if store.path(candidate).exists():
-            with read_only(store.path(candidate), store.duckdb_settings) as con:
+            with store.read(candidate) as con:
                 if table_exists(con, "raw", "patient"):
                     return candidate
     return None

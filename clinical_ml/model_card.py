@@ -22,7 +22,6 @@ import duckdb
 import numpy as np
 import orjson
 
-from clinical_ml.batches import read_only
 from clinical_ml.db import table_exists, transaction
 from clinical_ml.features import SUBGROUP_COLUMNS, FeatureSpec, read_feature_spec
 from clinical_ml.policy import ClinicalPolicy, Thresholds
@@ -249,7 +248,7 @@ def _training_data_sources(stack: ExitStack, con: duckdb.DuckDBPyConnection, bat
     """The batch files the model trained on, oldest first, opened read-only; a single-file
     warehouse (raw, deid and features beside ml) is its own source."""
     keys = ((window or {}).get("batches") or []) if batch_store is not None else []
-    sources = [(key, stack.enter_context(read_only(batch_store.path(key), batch_store.duckdb_settings)))
+    sources = [(key, stack.enter_context(batch_store.read(key)))
                for key in keys if batch_store.path(key).exists()]
     return sources or ([("warehouse", con)] if table_exists(con, "features", "feature_spec") else [])
 

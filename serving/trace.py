@@ -55,8 +55,11 @@ def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) ->
 
     from clinical_ml.batches import read_only
     from clinical_ml.db import DatabaseBusy
+    from resources.warehouse import DuckDBWarehouse
 
-    opened = read_only(warehouse_path, lock_timeout_s=5)  # a busy warehouse is "not verified", not a wait
+    # the pipeline's DuckDB settings (threads, memory limit, spill folder); a busy warehouse is
+    # "not verified", not a wait
+    opened = read_only(warehouse_path, DuckDBWarehouse(path=warehouse_path).duckdb_settings(), lock_timeout_s=5)
     try:
         con = opened.__enter__()
     except (duckdb.Error, DatabaseBusy) as error:

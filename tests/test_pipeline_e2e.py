@@ -89,6 +89,18 @@ def test_raw_landing_reconciles(pipeline):
     assert pipeline.sql("SELECT count(*) FROM duckdb_tables() WHERE schema_name IN ('raw', 'deid')")[0][0] == 0
 
 
+def test_deidentification_reports_where_its_time_goes(pipeline):
+    md = pipeline.latest_metadata("deidentified_fhir")
+    assert md["deidentification_seconds"] > 0 and md["leak_check_seconds"] > 0
+    step = next(e for e in pipeline.instance.all_logs(pipeline.first.run_id)
+                if e.dagster_event and e.dagster_event.step_key == "deidentified_fhir"
+                and e.dagster_event.event_type_value == "STEP_SUCCESS")
+    start = next(e for e in pipeline.instance.all_logs(pipeline.first.run_id)
+                 if e.dagster_event and e.dagster_event.step_key == "deidentified_fhir"
+                 and e.dagster_event.event_type_value == "STEP_START")
+    assert md["deidentification_seconds"] + md["leak_check_seconds"] <= step.timestamp - start.timestamp
+
+
 def test_identifier_checks_pass_and_no_phi_reaches_logs_or_mlflow(pipeline):
     checks = {e.check_name: e.passed for e in pipeline.first.get_asset_check_evaluations()}
     assert checks["deidentified_fhir_has_no_identifiers"] and checks["feature_matrix_has_no_identifiers"]

@@ -253,7 +253,7 @@ def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift
 
 # The top-level Patient fields that de-identification and the leak check read, taken with one
 # parse of the resource: `->` parses the whole resource at each use, and the JSON macros use their
-# argument several times (a patient's identifiers took 270 us a patient before).
+# argument several times (deid_patient_src at 10k patients: 1.1 s before, 0.55 s with one parse).
 PATIENT_FIELDS = ("name", "telecom", "address", "contact", "identifier", "birthDate", "extension", "photo", "text",
                   "gender", "deceasedDateTime", "deceasedBoolean")
 

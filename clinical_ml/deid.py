@@ -293,24 +293,12 @@ _RUN = r"[\p{L}\p{N}]+"  # a run of Unicode letters and digits
 
 
 def _apply_patterns(expr: str, patterns) -> str:
-    for pattern, tag in _passes(patterns):
+    # One pass per pattern, in order. Merging patterns of the same tag into one alternation was
+    # tried and is unsafe: an earlier, shorter match of a later pattern ("Apt 12") consumes the
+    # text a longer one needs ("12 Main Street"), and the street name leaks.
+    for pattern, tag in patterns:
         expr = f"regexp_replace({expr}, '{pattern.replace(chr(39), chr(39) * 2)}', '{tag}', 'g')"
     return expr
-
-
-def _passes(patterns) -> list[tuple[str, str]]:
-    """Consecutive patterns with the same plain tag become one alternation: one regex pass over
-    the text instead of several (each pass costs the same whether it matches or not). RE2 takes
-    the leftmost match and, at one place, the earliest alternative, so the longer forms listed
-    first ("March 4, 1950" before "March 4") still win."""
-    groups: list[tuple[list[str], str]] = []
-    for pattern, tag in patterns:
-        if groups and groups[-1][1] == tag and "\\" not in tag:
-            groups[-1][0].append(pattern)
-        else:
-            groups.append(([pattern], tag))
-    return [(members[0] if len(members) == 1 else "|".join(f"(?:{m})" for m in members), tag)
-            for members, tag in groups]
 
 
 # Notes are scrubbed in buckets of their owners (by hash), so the token tables of one statement

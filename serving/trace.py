@@ -57,9 +57,11 @@ def verify_audit_record(warehouse_path: str, sequence: int, record_hash: str) ->
     from clinical_ml.db import DatabaseBusy
     from resources.warehouse import DuckDBWarehouse
 
-    # the pipeline's DuckDB settings (threads, memory limit, spill folder); a busy warehouse is
-    # "not verified", not a wait
-    opened = read_only(warehouse_path, DuckDBWarehouse(path=warehouse_path).duckdb_settings(), lock_timeout_s=5)
+    try:  # the pipeline's DuckDB settings (threads, memory limit, spill folder)
+        settings = DuckDBWarehouse(path=warehouse_path).duckdb_settings()
+    except ValueError as error:  # e.g. CLINICAL_DUCKDB_THREADS is not a number (pydantic's errors are ValueErrors)
+        return f"not verified: the warehouse settings are invalid ({type(error).__name__})"
+    opened = read_only(warehouse_path, settings, lock_timeout_s=5)  # busy: "not verified", not a wait
     try:
         con = opened.__enter__()
     except (duckdb.Error, DatabaseBusy) as error:

@@ -211,3 +211,13 @@ def test_reference_ids_resolve_for_every_reference_shape(reference, expected):
     con = duckdb.connect()
     register_macros(con)
     assert con.execute("SELECT ref_id(?::VARCHAR)", [reference]).fetchone()[0] == expected
+
+
+@pytest.mark.parametrize("note, leaked", [
+    ("Moved to Apt 12 Main Street last week.", "Main Street"), ("Unit 5 Maple Drive", "Maple Drive"),
+    ("PO Box 14 Elm Road", "Elm Road"), ("Suite 200 Oak Avenue", "Oak Avenue"),
+    ("Seen March 12/25/2020.", "25/2020"), ("Seen March 2020-01-05.", "01-05"),
+])
+def test_overlapping_address_and_date_forms_are_redacted_whole(note, leaked):
+    (out,) = scrub_notes_sql(duckdb.connect(), [note])
+    assert leaked not in out, out

@@ -382,6 +382,12 @@ def test_a_prediction_traces_to_model_run_data_hash_and_audit_record(production)
     assert verify_audit_record(production.pipeline.warehouse.path, audit["sequence"], "0" * 64).startswith("MISMATCH")
 
 
+def test_audit_verification_says_not_verified_when_the_duckdb_settings_are_invalid(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLINICAL_DUCKDB_THREADS", "two")
+    assert verify_audit_record(str(tmp_path / "warehouse.duckdb"), 1, "0" * 64).startswith(
+        "not verified: the warehouse settings are invalid")
+
+
 def test_feedback_is_stored_next_to_the_prediction_and_linked(production):
     prediction = production.predict(feature_rows(production, 1)[0], patient_id="pt-feedback").json()
     response = production.client.post(f"/feedback/{prediction['prediction_id']}", headers=production.auth("ehr"),

@@ -221,3 +221,19 @@ def test_reference_ids_resolve_for_every_reference_shape(reference, expected):
 def test_overlapping_address_and_date_forms_are_redacted_whole(note, leaked):
     (out,) = scrub_notes_sql(duckdb.connect(), [note])
     assert leaked not in out, out
+
+
+@pytest.mark.parametrize("key_bytes", [1, 32, 64, 65, 200])
+def test_sql_pseudonyms_are_hmac_sha256_for_keys_of_any_length(key_bytes):
+    """The SQL function precomputes the key's HMAC pads; keys longer than a SHA-256 block are
+    hashed first (RFC 2104). Whatever the key, SQL and Python pseudonyms agree."""
+    import hashlib
+    import hmac
+
+    key = bytes(range(7, 7 + key_bytes)) if key_bytes < 200 else b"k" * key_bytes
+    con = duckdb.connect()
+    from clinical_ml.deid import register_functions
+    register_functions(con, key, 365)
+    ids = ["1", "ü-ß/x", "urn:uuid:0f9c", ""]
+    got = [r[0] for r in con.execute("SELECT pseudonym('Patient', id) FROM unnest(?) AS t(id)", [ids]).fetchall()]
+    assert got == [hmac.new(key, f"Patient/{i}".encode(), hashlib.sha256).hexdigest()[:24] for i in ids]

@@ -150,3 +150,37 @@ def test_the_leak_check_refuses_a_key_that_does_not_match_the_tables(tmp_path):
     deidentify(con, TEST_KEY, reference_date=REFERENCE)
     with pytest.raises(DeidentificationError, match="key the tables were de-identified with"):
         find_identifier_leaks(con, LEAK_TABLES, b"another-key-0123456789abcdef")
+
+
+def observation(oid: str, **fields) -> dict:
+    return {"resourceType": "Observation", "id": oid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2019-05-06", **fields}
+
+
+def test_observation_values_and_components_survive_odd_shapes(tmp_path):
+    loinc = "http://loinc.org"
+    resources = [
+        patient("p1", "Arlo", "Quenby"),
+        # LOINC preferred over a local code listed first; a numeric value sent as a string
+        observation("o-local-first", code={"coding": [{"system": "urn:local", "code": "BP-S"},
+                                                      {"system": loinc, "code": "8480-6"}]},
+                    valueQuantity={"value": "131", "unit": "mm[Hg]"}),
+        # one component sent as an object instead of a list, and a panel with a coded component
+        observation("o-lone-component", code=coding(loinc, "85354-9"),
+                    component={"code": coding(loinc, "8462-4"), "valueQuantity": {"value": 84}}),
+        observation("o-panel", code=coding(loinc, "72166-2"),
+                    component=[{"code": coding(loinc, "8480-6"), "valueQuantity": {"value": 142.5}},
+                               {"code": coding(loinc, "72166-2"), "valueCodeableConcept": coding("urn:snomed", "8517006")}]),
+        # a coding object where FHIR has a list, a value that is not a number, a date only in `issued`
+        observation("o-odd", code={"coding": {"system": loinc, "code": "2339-0"}}, valueQuantity={"value": [1]},
+                    effectiveDateTime=None, issued="2020-01-02T03:04:05Z"),
+    ]
+    con = land(tmp_path, resources)
+    deidentify(con, TEST_KEY, reference_date=REFERENCE)
+    rows = sorted(con.execute("SELECT code, value_num, unit, value_code, effective_date IS NOT NULL "
+                              "FROM deid.observation").fetchall(), key=str)
+    assert rows == sorted([("8480-6", 131.0, "mm[Hg]", None, True),
+                           ("8462-4", 84.0, None, None, True),
+                           ("8480-6", 142.5, None, None, True),
+                           ("72166-2", None, None, "8517006", True),
+                           (None, None, None, None, True)], key=str)

@@ -149,6 +149,39 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, path, alias: str, locks) ->
     con.execute(f"ATTACH {quote_path(path)} AS {quote_ident(alias)} (READ_ONLY)")
 
 
+# Rows per row group of a scratch catalog. DuckDB gives each row group (default 122,880 rows) one
+# thread, and TEMP tables always have the default: a working table smaller than that, as every
+# scrub bucket is, was processed by one thread whatever `threads` says.
+SCRATCH_ROW_GROUP_SIZE = 8_192
+
+
+@contextmanager
+def scratch_catalog(con: duckdb.DuckDBPyConnection, alias: str) -> Iterator[str]:
+    """A throwaway catalog ``alias`` for working tables, attached for the ``with`` block and
+    removed after it, whose small row groups let DuckDB run a statement on a small table with
+    all its threads. For a file-backed connection it is a file beside the connection's own file
+    (as protected as that file: the working tables may hold PHI), replaced if a crashed run left
+    one behind, deleted when done; for an in-memory connection, an in-memory catalog."""
+    path = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    scratch = Path(f"{path}.{alias}.tmp") if path else None
+    if scratch:
+        _remove_database_files(scratch)
+        con.execute(f"ATTACH {quote_path(scratch)} AS {quote_ident(alias)} (ROW_GROUP_SIZE {SCRATCH_ROW_GROUP_SIZE})")
+    else:
+        con.execute(f"ATTACH ':memory:' AS {quote_ident(alias)}")
+    try:
+        yield alias
+    finally:
+        con.execute(f"DETACH {quote_ident(alias)}")
+        if scratch:
+            _remove_database_files(scratch)
+
+
+def _remove_database_files(path: Path) -> None:
+    for file in (path, Path(f"{path}.wal")):
+        file.unlink(missing_ok=True)
+
+
 def connect(path: str = ":memory:", settings: Optional[DuckDBSettings] = None,
             read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection under ``settings`` (threads, memory limit, spill folder)."""

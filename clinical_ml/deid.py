@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 
 from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
-from clinical_ml.db import quote_ident, table_exists, transaction
+from clinical_ml.db import quote_ident, scratch_catalog, table_exists, transaction
 from clinical_ml.ingest import BOOKKEEPING_TABLES
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
@@ -316,6 +316,9 @@ _CODINGS_SHAPE = {"coding": [{"system": "VARCHAR", "code": "VARCHAR"}]}
 _MEASUREMENT = {"code": _CODINGS_SHAPE, "valueQuantity": {"value": "VARCHAR", "unit": "VARCHAR"},
                 "valueCodeableConcept": _CODINGS_SHAPE}
 _MEASUREMENT_SHAPE = json.dumps(_MEASUREMENT)
+_DOCUMENT_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "date": "VARCHAR", "type": _CODINGS_SHAPE,
+                              "context": {"period": {"start": "VARCHAR"}, "encounter": "JSON"},
+                              "content": [{"attachment": {"data": "VARCHAR"}}]})
 _OBSERVATION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter": {"reference": "VARCHAR"},
                                  "effectiveDateTime": "VARCHAR", "effectivePeriod": {"start": "VARCHAR"},
                                  "issued": "VARCHAR", **_MEASUREMENT, "component": "JSON"})
@@ -366,51 +369,57 @@ def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql:
     """
     notes = con.execute(f"SELECT count(*) FROM ({notes_sql}) WHERE note IS NOT NULL").fetchone()[0]
     buckets = max(1, -(-notes // NOTES_PER_SCRUB_BUCKET))
-    # the bucket is computed once and the rows stored in its order, so that each bucket's
-    # statements read only their own row groups
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_all AS
-        SELECT note_id, owner, note, {owner_bucket_sql('owner')} AS bucket FROM ({notes_sql}) WHERE note IS NOT NULL
-        ORDER BY bucket""", {"buckets": buckets})
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_ids_all AS
-        SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs, {owner_bucket_sql('owner')} AS bucket
-        FROM (SELECT DISTINCT owner, regexp_extract_all(lower(trim(value)), '{_RUN}') AS runs
-              FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
-        WHERE len(runs) > 0 ORDER BY bucket""", {"buckets": buckets})
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {out_table} (note_id {_column_type(con, 'scrub_all', 'note_id')}, "
-                f"owner {_column_type(con, 'scrub_all', 'owner')}, bucket UBIGINT, note_text VARCHAR)")
-    try:
-        for bucket in range(buckets):
-            _scrub_bucket(con, bucket, out_table)
-        return buckets
-    finally:
-        for table in ("scrub_all", "scrub_ids_all", "scrub_src", "scrub_ids", "scrub_runs", "scrub_matches"):
-            con.execute(f"DROP TABLE IF EXISTS {table}")
+    # the working tables live in a scratch catalog with small row groups: a bucket is smaller than
+    # one default row group, which DuckDB would leave to a single thread (and so it did)
+    with scratch_catalog(con, "scrub_work"):
+        # the bucket is computed once and the rows stored in its order, so that each bucket's
+        # statements read only their own row groups
+        con.execute(f"""CREATE TABLE {_SCRUB}.notes AS
+            SELECT note_id, owner, note, {owner_bucket_sql('owner')} AS bucket FROM ({notes_sql}) WHERE note IS NOT NULL
+            ORDER BY bucket""", {"buckets": buckets})
+        con.execute(f"""CREATE TABLE {_SCRUB}.identifiers AS
+            SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs, {owner_bucket_sql('owner')} AS bucket
+            FROM (SELECT DISTINCT owner, regexp_extract_all(lower(trim(value)), '{_RUN}') AS runs
+                  FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
+            WHERE len(runs) > 0 ORDER BY bucket""", {"buckets": buckets})
+        types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                                 "WHERE database_name = 'scrub_work' AND table_name = 'notes'").fetchall())
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {out_table} (note_id {types['note_id']}, owner {types['owner']}, "
+                    "bucket UBIGINT, note_text VARCHAR)")
+        try:
+            for bucket in range(buckets):
+                _scrub_bucket(con, bucket, out_table)
+        finally:
+            for table in ("scrub_runs", "scrub_matches"):
+                con.execute(f"DROP TABLE IF EXISTS {table}")
+    return buckets
 
 
-def _column_type(con: duckdb.DuckDBPyConnection, table: str, column: str) -> str:
-    return con.execute("SELECT data_type FROM duckdb_columns() WHERE table_name = ? AND column_name = ?",
-                       [table, column]).fetchone()[0]
+_SCRUB = "scrub_work.main"  # scrub_notes' scratch catalog
 
 
 def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -> None:
     params = {"bucket": bucket}
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_src AS
+    con.execute(f"""CREATE OR REPLACE TABLE {_SCRUB}.bucket_notes AS
         SELECT note_id, owner, {_apply_patterns('note', NOTE_PATTERNS[:_PRE_PATTERNS])} AS note
-        FROM scrub_all WHERE bucket = $bucket::UBIGINT""", params)
-    con.execute("CREATE OR REPLACE TEMP TABLE scrub_ids AS SELECT owner, ident_id, runs, n_runs FROM scrub_ids_all "
-                "WHERE bucket = $bucket::UBIGINT", params)
+        FROM {_SCRUB}.notes WHERE bucket = $bucket::UBIGINT""", params)
+    con.execute(f"CREATE OR REPLACE TABLE {_SCRUB}.bucket_identifiers AS SELECT owner, ident_id, runs, n_runs "
+                f"FROM {_SCRUB}.identifiers WHERE bucket = $bucket::UBIGINT", params)
     # The runs of notes whose owner has identifiers, with their piece positions. Pieces alternate
     # run / separator, so the j-th run is piece 2j - 1, or 2j when the note starts with a separator:
     # only the runs are cut out and unnested, not the separators.
+    # (runs and matches are TEMP tables: the runs have many rows, so default row groups already
+    # spread them over the threads, and writing them to the scratch file cost more than it gained)
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_runs AS
         SELECT note_id, owner, 2 * j - 1 + sep_first AS pos, lower(run) AS run FROM (
             SELECT note_id, owner, sep_first, unnest(runs) AS run, generate_subscripts(runs, 1) AS j
             FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}') AS runs,
                          CASE WHEN regexp_matches(note, '^{_RUN}') THEN 0 ELSE 1 END AS sep_first
-                  FROM scrub_src WHERE owner IN (SELECT owner FROM scrub_ids)))""")
-    con.execute("""CREATE OR REPLACE TEMP TABLE scrub_matches AS
+                  FROM {_SCRUB}.bucket_notes WHERE owner IN (SELECT owner FROM {_SCRUB}.bucket_identifiers)))""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_matches AS
         WITH ident_runs AS (
-            SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k FROM scrub_ids),
+            SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k
+            FROM {_SCRUB}.bucket_identifiers),
         starts AS (
             SELECT r.note_id, r.pos AS first_pos, i.ident_id, i.n_runs
             FROM scrub_runs r JOIN ident_runs i ON i.owner = r.owner AND i.run = r.run AND i.k = 1)
@@ -431,10 +440,10 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
                        regexp_extract_all(s.note, '{_RUN}|[^\p{{L}}\p{{N}}]+'),
                        lambda piece, i: CASE WHEN NOT list_contains(x.red, i) THEN piece
                                              WHEN list_contains(x.red, i - 1) THEN '' ELSE '[REDACTED]' END), '') AS note
-            FROM scrub_src s JOIN redacted x USING (note_id))
+            FROM {_SCRUB}.bucket_notes s JOIN redacted x USING (note_id))
         SELECT s.note_id, s.owner, $bucket::UBIGINT,
                {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
-        FROM scrub_src s LEFT JOIN rebuilt b USING (note_id)""", {"bucket": bucket})
+        FROM {_SCRUB}.bucket_notes s LEFT JOIN rebuilt b USING (note_id)""", {"bucket": bucket})
 
 
 def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identifiers: list[list[str]] | None = None) -> list[str]:
@@ -505,7 +514,8 @@ def deidentify(
         # DuckDB quotes offending values in its messages; they may be PHI. Keep only the shape.
         raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
     finally:
-        for table in ("deid_patient_src", "deid_encounter_keys", "deid_note_src", "deid_notes_scrubbed", "deid_document_fields",
+        for table in ("deid_patient_src", "deid_encounter_keys", "deid_document_src", "deid_annotation_src",
+                      "deid_notes_scrubbed", "deid_document_fields",
                       "deid_medication_codes"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
@@ -556,29 +566,39 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         FROM base
         """
     )
-    # Notes (DocumentReference attachments, Condition and Observation `note`), scrubbed together.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_note_src AS
-        SELECT 'DocumentReference/' || d.id AS note_id, p.patient_id AS owner, TRY(decode(from_base64(d.f[2]))) AS note
-        FROM (SELECT id, json_extract_string(resource, ['$.subject.reference', '$.content[0].attachment.data']) AS f
-              FROM {r}.document_reference) d  -- one parse: a document carries its whole text
-        JOIN deid_patient_src p ON p.patient_id = ref_id(d.f[1])
-        UNION ALL
-        SELECT t || '/' || id || '/' || k, owner, note FROM (
+    # Encounter pseudonyms once per encounter (not once per referencing row).
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE deid_encounter_keys AS
+            SELECT id AS encounter_id, pseudonym('Encounter', id) AS encounter_key FROM {r}.encounter"""
+    )
+    # Documents, each parsed once (it carries its whole text): the fields of deid.document_reference
+    # and the note to scrub. `context.encounter` is a list in R4, one Reference in STU3.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_document_src AS
+        SELECT 'DocumentReference/' || d.id AS note_id, p.patient_id AS owner,
+            pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, k.encounter_key,
+            deid_date(coalesce(fhir_date(d.doc.date), fhir_date(d.doc.context.period.start)), p.shift_days) AS document_date,
+            d.doc.type.coding[1].code AS type_code,
+            TRY(decode(from_base64(d.doc.content[1].attachment.data))) AS note
+        FROM (SELECT id, json_transform(resource, '{_DOCUMENT_SHAPE}') AS doc FROM {r}.document_reference) d
+        JOIN deid_patient_src p ON p.patient_id = ref_id(d.doc.subject.reference)
+        LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(
+            CASE json_type(d.doc.context.encounter) WHEN 'ARRAY' THEN d.doc.context.encounter->0->>'reference'
+                                                    ELSE d.doc.context.encounter->>'reference' END)""")
+    # Condition and Observation `note` (Annotation.text): few, but only a parse finds them.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_annotation_src AS
+        SELECT t || '/' || id || '/' || k AS note_id, owner, note FROM (
             SELECT t, id, owner, unnest(notes)->>'text' AS note, generate_subscripts(notes, 1) AS k
             FROM (SELECT 'Condition' AS t, c.id, ref_id(c.resource->'subject'->>'reference') AS owner,
                          json_list(c.resource->'note') AS notes FROM {r}.condition c WHERE (c.resource->'note') IS NOT NULL
                   UNION ALL
                   SELECT 'Observation', o.id, ref_id(o.resource->'subject'->>'reference'),
                          json_list(o.resource->'note') FROM {r}.observation o WHERE (o.resource->'note') IS NOT NULL))""")
-    note_buckets = scrub_notes(con, "SELECT * FROM deid_note_src",
+    # All notes scrubbed together.
+    note_buckets = scrub_notes(con, "SELECT note_id, owner, note FROM deid_document_src UNION ALL "
+                               "SELECT note_id, owner, note FROM deid_annotation_src",
                 "SELECT patient_id AS owner, unnest(flatten([ids.name, ids.identifier, ids.telecom, ids.address, "
                 "ids.birth_date])) AS value FROM deid_patient_src", "deid_notes_scrubbed")
 
-    # Encounter pseudonyms once per encounter (not once per referencing row).
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE deid_encounter_keys AS
-            SELECT id AS encounter_id, pseudonym('Encounter', id) AS encounter_key FROM {r}.encounter"""
-    )
     # Codes of the landed Medication resources (empty when the export has none).
     medication_source = (f"SELECT id AS medication_id, best_coding(resource->'code'->'coding') AS coding FROM {r}.medication"
                          if table_exists(con, r, "medication") else
@@ -737,16 +757,10 @@ def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: st
     """``document_reference``: the documents' fields, with their scrubbed notes joined bucket by
     bucket (the notes' owner buckets), so no join holds the population's note texts at once."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_document_fields AS
-        SELECT 'DocumentReference/' || d.id AS note_id, {owner_bucket_sql('p.patient_id')} AS bucket,
-            pseudonym('DocumentReference', d.id) AS document_key, p.patient_key, k.encounter_key,
-            deid_date(coalesce(fhir_date(d.f[2]->>'$'), fhir_date(d.f[3]->>'$')), p.shift_days) AS document_date,
-            codings(d.f[4])[1].code AS type_code
-        FROM (SELECT id, json_extract(resource, ['$.subject.reference', '$.date', '$.context.period.start', '$.type.coding',
-                                                 '$.context.encounter[0].reference']) AS f
-              FROM {r}.document_reference) d  -- one parse of the document (its text included), not one per field
-        JOIN deid_patient_src p ON p.patient_id = ref_id(d.f[1]->>'$')
-        LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(d.f[5]->>'$')
-        ORDER BY bucket""", {"buckets": buckets})
+        SELECT note_id, {owner_bucket_sql('owner')} AS bucket, document_key, patient_key, encounter_key, document_date,
+               type_code
+        FROM deid_document_src ORDER BY bucket""", {"buckets": buckets})
+    con.execute("DROP TABLE deid_document_src")  # the notes' texts: scrubbed by now
     con.execute(f"""CREATE OR REPLACE TABLE {out_schema}.document_reference AS
         SELECT document_key, patient_key, encounter_key, document_date, type_code, NULL::VARCHAR AS note_text
         FROM deid_document_fields LIMIT 0""")

@@ -319,6 +319,13 @@ _MEASUREMENT_SHAPE = json.dumps(_MEASUREMENT)
 _DOCUMENT_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "date": "VARCHAR", "type": _CODINGS_SHAPE,
                               "context": {"period": {"start": "VARCHAR"}, "encounter": "JSON"},
                               "content": [{"attachment": {"data": "VARCHAR"}}]})
+_ENCOUNTER_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "class": "JSON", "type": [_CODINGS_SHAPE],
+                               "period": {"start": "VARCHAR", "end": "VARCHAR"}, "status": "VARCHAR"})
+_CONDITION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter": {"reference": "VARCHAR"},
+                               "code": _CODINGS_SHAPE, "onsetDateTime": "VARCHAR", "onsetPeriod": {"start": "VARCHAR"},
+                               "abatementDateTime": "VARCHAR", "abatementPeriod": {"start": "VARCHAR"},
+                               "recordedDate": "VARCHAR", "clinicalStatus": _CODINGS_SHAPE,
+                               "verificationStatus": _CODINGS_SHAPE})
 _OBSERVATION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter": {"reference": "VARCHAR"},
                                  "effectiveDateTime": "VARCHAR", "effectivePeriod": {"start": "VARCHAR"},
                                  "issued": "VARCHAR", **_MEASUREMENT, "component": "JSON"})
@@ -620,19 +627,17 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             SELECT k.encounter_key, p.patient_key,
                 {encounter_class_sql("e.class_code")} AS encounter_class,
                 e.class_code AS encounter_class_source,
-                codings(e.f[2])[1].code AS type_code,
-                deid_date(fhir_date(e.f[3]->>'$'), p.shift_days) AS start_date,
-                deid_date(fhir_date(e.f[4]->>'$'), p.shift_days) AS end_date,
-                e.f[5]->>'$' AS status
-            FROM (SELECT id, f, coalesce(f[1]->>'code',                       -- R4 Coding
-                                         f[1]->0->'coding'->0->>'code',       -- R5 CodeableConcept[]
-                                         CASE WHEN json_type(f[1]) = 'VARCHAR'
-                                              THEN f[1]->>'$' END)            -- DSTU2 code string
+                e.enc.type[1].coding[1].code AS type_code,
+                deid_date(fhir_date(e.enc.period.start), p.shift_days) AS start_date,
+                deid_date(fhir_date(e.enc.period."end"), p.shift_days) AS end_date,
+                e.enc.status AS status
+            FROM (SELECT id, enc, coalesce(enc.class->>'code',                       -- R4 Coding
+                                           enc.class->0->'coding'->0->>'code',       -- R5 CodeableConcept[]
+                                           CASE WHEN json_type(enc.class) = 'VARCHAR'
+                                                THEN enc.class->>'$' END)            -- DSTU2 code string
                           AS class_code
-                  FROM (SELECT id, json_extract(resource, ['$.class', '$.type[0].coding', '$.period.start',
-                                                           '$.period.end', '$.status', '$.subject.reference']) AS f
-                        FROM {r}.encounter)) e  -- one parse per resource, not one per field
-            JOIN deid_patient_src p ON p.patient_id = ref_id(e.f[6]->>'$')
+                  FROM (SELECT id, json_transform(resource, '{_ENCOUNTER_SHAPE}') AS enc FROM {r}.encounter)) e
+            JOIN deid_patient_src p ON p.patient_id = ref_id(e.enc.subject.reference)
             JOIN deid_encounter_keys k ON k.encounter_id = e.id""",
         "condition": f"""
             SELECT condition_key, patient_key, encounter_key, coding.system AS code_system, coding.code AS code,
@@ -640,17 +645,17 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             FROM (
                 SELECT pseudonym('Condition', c.id) AS condition_key, p.patient_key,
                     k.encounter_key,
-                    unnest(codings(c.resource->'code'->'coding')) AS coding,
-                    deid_date(coalesce(fhir_date(c.resource->>'onsetDateTime'),
-                                       fhir_date(c.resource->'onsetPeriod'->>'start')), p.shift_days) AS onset_date,
-                    deid_date(coalesce(fhir_date(c.resource->>'abatementDateTime'),
-                                       fhir_date(c.resource->'abatementPeriod'->>'start')), p.shift_days) AS abatement_date,
-                    deid_date(fhir_date(c.resource->>'recordedDate'), p.shift_days) AS recorded_date,
-                    codings(c.resource->'clinicalStatus'->'coding')[1].code AS clinical_status,
-                    codings(c.resource->'verificationStatus'->'coding')[1].code AS verification_status
-                FROM {r}.condition c
-                JOIN deid_patient_src p ON p.patient_id = ref_id(c.resource->'subject'->>'reference')
-                LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(c.resource->'encounter'->>'reference')
+                    unnest(coalesce(c.cond.code.coding, [])) AS coding,
+                    deid_date(coalesce(fhir_date(c.cond.onsetDateTime), fhir_date(c.cond.onsetPeriod.start)),
+                              p.shift_days) AS onset_date,
+                    deid_date(coalesce(fhir_date(c.cond.abatementDateTime), fhir_date(c.cond.abatementPeriod.start)),
+                              p.shift_days) AS abatement_date,
+                    deid_date(fhir_date(c.cond.recordedDate), p.shift_days) AS recorded_date,
+                    c.cond.clinicalStatus.coding[1].code AS clinical_status,
+                    c.cond.verificationStatus.coding[1].code AS verification_status
+                FROM (SELECT id, json_transform(resource, '{_CONDITION_SHAPE}') AS cond FROM {r}.condition) c
+                JOIN deid_patient_src p ON p.patient_id = ref_id(c.cond.subject.reference)
+                LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(c.cond.encounter.reference)
             )""",
         # The largest table: each resource is parsed once, straight into typed fields
         # (json_transform: no JSON text re-parsed per field), and its value and its components

@@ -326,6 +326,7 @@ _CONDITION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter":
                                "abatementDateTime": "VARCHAR", "abatementPeriod": {"start": "VARCHAR"},
                                "recordedDate": "VARCHAR", "clinicalStatus": _CODINGS_SHAPE,
                                "verificationStatus": _CODINGS_SHAPE})
+_NOTES_AND_IDENTIFIERS_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "note": "JSON", "identifier": "JSON"})
 _OBSERVATION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter": {"reference": "VARCHAR"},
                                  "effectiveDateTime": "VARCHAR", "effectivePeriod": {"start": "VARCHAR"},
                                  "issued": "VARCHAR", **_MEASUREMENT, "component": "JSON"})
@@ -522,6 +523,7 @@ def deidentify(
         raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
     finally:
         for table in ("deid_patient_src", "deid_encounter_keys", "deid_document_src", "deid_annotation_src",
+                      "deid_notes_and_identifiers",
                       "deid_notes_scrubbed", "deid_document_fields",
                       "deid_medication_codes"):
             con.execute(f"DROP TABLE IF EXISTS {table}")
@@ -591,15 +593,19 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(
             CASE json_type(d.doc.context.encounter) WHEN 'ARRAY' THEN d.doc.context.encounter->0->>'reference'
                                                     ELSE d.doc.context.encounter->>'reference' END)""")
-    # Condition and Observation `note` (Annotation.text): few, but only a parse finds them.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_annotation_src AS
+    # Condition and Observation `note` (Annotation.text) and `identifier` counts (for the removal
+    # counts): few, but only a parse finds them, so one parse serves both.
+    side = " UNION ALL ".join(
+        f"""SELECT '{rtype}' AS t, id, ref_id(x.subject.reference) AS owner, json_list(x.note) AS notes,
+                   len(json_list(x.identifier)) AS n_identifiers
+            FROM (SELECT id, json_transform(resource, '{_NOTES_AND_IDENTIFIERS_SHAPE}') AS x FROM {r}.{table})"""
+        for rtype, table in (("Condition", "condition"), ("Observation", "observation")))
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_notes_and_identifiers AS
+        SELECT * FROM ({side}) WHERE len(notes) > 0 OR n_identifiers > 0""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE deid_annotation_src AS
         SELECT t || '/' || id || '/' || k AS note_id, owner, note FROM (
             SELECT t, id, owner, unnest(notes)->>'text' AS note, generate_subscripts(notes, 1) AS k
-            FROM (SELECT 'Condition' AS t, c.id, ref_id(c.resource->'subject'->>'reference') AS owner,
-                         json_list(c.resource->'note') AS notes FROM {r}.condition c WHERE (c.resource->'note') IS NOT NULL
-                  UNION ALL
-                  SELECT 'Observation', o.id, ref_id(o.resource->'subject'->>'reference'),
-                         json_list(o.resource->'note') FROM {r}.observation o WHERE (o.resource->'note') IS NOT NULL))""")
+            FROM deid_notes_and_identifiers WHERE len(notes) > 0)""")
     # All notes scrubbed together.
     note_buckets = scrub_notes(con, "SELECT note_id, owner, note FROM deid_document_src UNION ALL "
                                "SELECT note_id, owner, note FROM deid_annotation_src",
@@ -821,9 +827,11 @@ def _deid_counts(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, raw_co
     removed["geographic_subdivisions"] += int(addresses or 0)
     removed["photos"] += int(photos or 0)
     # `identifier` arrays of the other projected resources (encounter numbers, claim ids, …)
-    for table in ("encounter", "condition", "observation", "medication_request", "document_reference"):
+    for table in ("encounter", "medication_request", "document_reference"):
         removed["other_identifiers"] += int(_scalar(
             con, f"SELECT coalesce(sum(len(json_list(resource->'identifier'))), 0) FROM {r}.{table}"))
+    removed["other_identifiers"] += int(_scalar(  # conditions and observations: counted with their notes
+        con, "SELECT coalesce(sum(n_identifiers), 0) FROM deid_notes_and_identifiers"))
     if "device" in left_behind:
         removed["device_identifiers"] += int(_scalar(con, f"SELECT count(*) FROM {r}.device"))
     removed["dates"] = int(births or 0) + sum(

@@ -143,10 +143,12 @@ def test_condition_and_observation_notes_are_kept_scrubbed(tmp_path):
     patient = {"resourceType": "Patient", "id": "p1", "name": [{"given": ["Quentin"], "family": "Vasquez"}]}
     condition = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
                  "code": {"coding": [{"system": "http://snomed.info/sct", "code": "59621000"}]},
-                 "note": [{"text": "Quentin reports home BP 150/95 on 04/02/2021; call 555-010-4477."}]}
+                 "note": [{"text": "Quentin reports home BP 150/95 on 04/02/2021; call 555-010-4477."}],
+                 "identifier": {"value": "PROB-77"}}  # one object where FHIR has a list
     observation = {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"},
                    "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-                   "valueQuantity": {"value": 150}, "note": [{"text": "Vasquez measured after exercise"}]}
+                   "valueQuantity": {"value": 150}, "note": [{"text": "Vasquez measured after exercise"}],
+                   "identifier": [{"value": "ACC-1"}, {"value": "ACC-2"}]}
     con = land(tmp_path, [patient, condition, observation])
     deidentify(con, TEST_KEY, reference_date=REFERENCE)
     rows = con.execute("SELECT source_type, source_key, patient_key, note_text FROM deid.annotation ORDER BY 1").fetchall()
@@ -158,6 +160,7 @@ def test_condition_and_observation_notes_are_kept_scrubbed(tmp_path):
     ]
     counts = dict(con.execute("SELECT category, removed FROM deid.removal_counts").fetchall())
     assert counts["note_redacted"] == 2 and counts["note_date"] == 1 and counts["note_phone"] == 1
+    assert counts["other_identifiers"] == 3  # the condition's and the observation's identifiers, left behind
 
 
 def test_dates_can_be_generalized_to_the_year_instead(tmp_path):

@@ -969,11 +969,15 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
             owner = quote_ident("patient_key") if columns.get("patient_key") == "VARCHAR" else "NULL::VARCHAR"
             for column in [c for c, t in columns.items() if t == "VARCHAR"]:
                 # a column's texts are scanned in buckets of their patients: the token table of a
-                # bucket, not of the population, is held at once
-                rows, chars = con.execute(f"SELECT count({quote_ident(column)}), "
-                                          f"coalesce(sum(strlen({quote_ident(column)})), 0) FROM {source}").fetchone()
+                # bucket, not of the population, is held at once. What is held is a bucket's
+                # distinct (patient, text) pairs, so they set the count: a column of units or codes
+                # has 10M rows at 100k patients but a few per patient, and each extra bucket is one
+                # more pass over the whole column.
+                pairs, chars = con.execute(
+                    f"SELECT approx_count_distinct(hash({owner}, {quote_ident(column)})), "
+                    f"coalesce(sum(strlen({quote_ident(column)})), 0) FROM {source}").fetchone()
                 buckets = max(1, -(-int(chars) // LEAK_SCAN_CHARS_PER_BUCKET),
-                              -(-int(rows) // LEAK_SCAN_ROWS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
+                              -(-int(pairs) // LEAK_SCAN_PAIRS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
                 hits_by_category: dict[str, int] = {}
                 for bucket in range(buckets):
                     for category, hits in _leak_hits(con, source, quote_ident(column), owner, tags, buckets, bucket):
@@ -988,9 +992,10 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
     return findings
 
 
-# How much of one column the leak check scans at once: about 30 MB of text, at most 1M values.
+# How much of one column the leak check scans at once: about 30 MB of text, at most about 1M
+# distinct (patient, value) pairs.
 LEAK_SCAN_CHARS_PER_BUCKET = 30_000_000
-LEAK_SCAN_ROWS_PER_BUCKET = 1_000_000
+LEAK_SCAN_PAIRS_PER_BUCKET = 1_000_000
 
 
 def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str, buckets: int,

@@ -161,26 +161,31 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
     it is then left staged)."""
     stage = _stage(schema, table_name(rtype))
     try:
+        # No WITH ORDINALITY: it makes DuckDB read, parse and write the file on one thread. The
+        # rows are appended in file order instead (DuckDB preserves the order of a single
+        # source, and rowid is the order of a table's rows), and numbered from their rowids below.
         con.execute(
             f"""INSERT INTO {stage}
-                SELECT keys[2], doc, ?, line_no, ?, {_object_reason(rtype)}
-                FROM (SELECT json AS doc, ordinality AS line_no, json_extract_string(json, {_KEYS}) AS keys
-                      FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}) WITH ORDINALITY)""",
+                SELECT keys[2], doc, ?, NULL, ?, {_object_reason(rtype)}
+                FROM (SELECT json AS doc, json_extract_string(json, {_KEYS}) AS keys
+                      FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}))""",
             [path.name, landing_id, str(path)],
         )
     except duckdb.InvalidInputException:
         return None  # a malformed, non-UTF-8 or oversize line somewhere: the insert did not happen
-    # DuckDB skips blank lines, which would shift its numbering. It keeps each object's text
+    # DuckDB skips blank lines, which would shift the numbering. It keeps each object's text
     # byte for byte, so the staged bytes plus one newline per line add up to the file size
     # exactly when there are none (also catching CRLF endings and padded lines).
-    rows, text_bytes = con.execute(
-        f"SELECT count(*), coalesce(sum(strlen(resource)), 0) FROM {stage} WHERE source_file = ?", [path.name]
-    ).fetchone()
+    rows, text_bytes, first_rowid, last_rowid = con.execute(
+        f"SELECT count(*), coalesce(sum(strlen(resource)), 0), min(rowid), max(rowid) FROM {stage} WHERE source_file = ?",
+        [path.name]).fetchone()
     size, last_byte = _content_size_and_last_byte(path)
     newlines = rows if last_byte == b"\n" else rows - 1
-    if size != text_bytes + newlines:
+    if size != text_bytes + newlines or (rows and last_rowid - first_rowid + 1 != rows):
         con.execute(f"DELETE FROM {stage} WHERE source_file = ?", [path.name])
         return None
+    con.execute(f"UPDATE {stage} SET line_no = rowid - $first + 1 WHERE source_file = $file",
+                {"first": first_rowid, "file": path.name})
     return rows
 
 

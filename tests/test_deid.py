@@ -188,7 +188,7 @@ def test_the_leak_check_in_patient_buckets_finds_what_one_pass_finds(small_expor
     in_buckets = find_identifier_leaks(con, tables, TEST_KEY)
     assert sorted(map(str, in_buckets)) == sorted(map(str, one_pass))
     monkeypatch.setattr(deid, "LEAK_SCAN_CHARS_PER_BUCKET", 10**12)
-    monkeypatch.setattr(deid, "LEAK_SCAN_ROWS_PER_BUCKET", 500)  # ... and by number of values
+    monkeypatch.setattr(deid, "LEAK_SCAN_PAIRS_PER_BUCKET", 500)  # ... and by (patient, value) pairs
     assert sorted(map(str, find_identifier_leaks(con, tables, TEST_KEY))) == sorted(map(str, one_pass))
     assert {(f["category"], f["hits"]) for f in one_pass if f["column"] == "note_text"} >= {("identifier", 1), ("name", 1)}
 

@@ -185,3 +185,18 @@ def test_gzipped_ndjson_lands_like_plain_and_unknown_ndjson_files_are_reported(t
     land_ndjson(fast, plain)
     assert (con.execute("SELECT count(*) FROM raw.patient WHERE id IN ('p0','p1','p2','p3')").fetchone()
             == fast.execute("SELECT count(*) FROM raw.patient").fetchone())
+
+
+def test_every_landed_row_keeps_its_file_and_line_number(tmp_path):
+    """Provenance: raw rows point at their exact line, for files larger than a row group
+    (read on several threads) and for a type split over several files."""
+    sizes = {"Observation.000.ndjson": 130_000, "Observation.001.ndjson": 7}
+    for name, n in sizes.items():
+        _write(tmp_path / name, [json.dumps({"resourceType": "Observation", "id": f"{name[12:15]}-{i}",
+                                             "status": "final", "valueQuantity": {"value": i % 97}}).encode()
+                                 for i in range(1, n + 1)])
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    land_ndjson(con, tmp_path)
+    rows = con.execute("SELECT source_file, line_no, id FROM raw.observation").fetchall()
+    assert len(rows) == sum(sizes.values())
+    assert all(row_id == f"{file[12:15]}-{line}" for file, line, row_id in rows)

@@ -177,6 +177,19 @@ def scratch_catalog(con: duckdb.DuckDBPyConnection, alias: str) -> Iterator[str]
             _remove_database_files(scratch)
 
 
+def sliced_scan_sql(con: duckdb.DuckDBPyConnection, table: str, key: str = "id") -> str:
+    """SQL for ``table`` (quoted; a table or a view) read as one UNION ALL branch per DuckDB
+    thread, each taking the rows of one hash slice of ``key``. DuckDB gives a table one thread
+    per row group (122,880 rows), so a smaller table with heavy work per row (100k patients'
+    JSON is one row group) runs on one thread; the branches of a UNION ALL run at once. Row
+    order is not kept."""
+    threads = int(con.execute("SELECT current_setting('threads')").fetchone()[0])
+    if threads < 2:
+        return table
+    return "(" + " UNION ALL ".join(
+        f"SELECT * FROM {table} WHERE hash({key}) % {threads}::UBIGINT = {i}::UBIGINT" for i in range(threads)) + ")"
+
+
 def _remove_database_files(path: Path) -> None:
     for file in (path, Path(f"{path}.wal")):
         file.unlink(missing_ok=True)

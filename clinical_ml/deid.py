@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 
 from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
-from clinical_ml.db import quote_ident, scratch_catalog, table_exists, transaction
+from clinical_ml.db import quote_ident, scratch_catalog, sliced_scan_sql, table_exists, transaction
 from clinical_ml.ingest import BOOKKEEPING_TABLES
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
@@ -535,7 +535,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE deid_patient_src AS
-        WITH fields AS (SELECT id, {patient_fields_sql('resource')} AS pf FROM {r}.patient),
+        WITH fields AS (SELECT id, {patient_fields_sql('resource')} AS pf FROM {sliced_scan_sql(con, f'{r}.patient')}),
         base AS (
             SELECT id AS patient_id, pf,
                    fhir_date({patient_field('pf', 'birthDate')}->>'$') AS birth_date,
@@ -899,7 +899,8 @@ def _identifier_values_sql(con: duckdb.DuckDBPyConnection, raw_schema: str) -> s
             parts.append(f"SELECT 'telecom', unnest(telecom_values(resource->'telecom')), NULL FROM {raw_schema}.{table}")
     return f"""
     WITH ids AS MATERIALIZED (SELECT id, pf, pseudonym('Patient', id) AS owner_key, {_patient_identifier_values_sql('pf')} AS ids
-                              FROM (SELECT id, {patient_fields_sql('resource')} AS pf FROM {raw_schema}.patient))
+                              FROM (SELECT id, {patient_fields_sql('resource')} AS pf
+                                    FROM {sliced_scan_sql(con, f'{raw_schema}.patient')}))
     SELECT category, value, owner_key, phrase_runs, array_to_string(phrase_runs, ' ') AS phrase,
            len(phrase_runs) = 1 AND value = phrase_runs[1] AS single_token
     FROM (SELECT DISTINCT category, lower(trim(value)) AS value, owner_key,

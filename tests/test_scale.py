@@ -180,3 +180,15 @@ def test_the_graph_on_a_two_worker_dask_cluster_gives_the_single_process_tables(
     single_tables, dask_tables = fingerprints(tmp_path / "single"), fingerprints(tmp_path / "dask")
     assert len(single_tables) > 10 and single_tables["deid.patient"][0] == 1000
     assert dask_tables == single_tables
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_sliced_scan_reads_every_row_once_from_a_table_or_a_view(threads):
+    from clinical_ml.db import sliced_scan_sql
+
+    con = duckdb.connect(config={"threads": threads})
+    con.execute("CREATE TABLE t AS SELECT 'p' || i AS id, i FROM range(1000) r(i)")
+    con.execute("CREATE VIEW v AS SELECT * FROM t UNION ALL SELECT 'q' || i, i FROM range(5) r(i)")
+    for source, expected in (("t", 1000), ("v", 1005)):
+        rows = con.execute(f"SELECT id FROM {sliced_scan_sql(con, source)}").fetchall()
+        assert len(rows) == expected and len(set(rows)) == expected

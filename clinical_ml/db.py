@@ -7,7 +7,9 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -155,26 +157,64 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, path, alias: str, locks) ->
 SCRATCH_ROW_GROUP_SIZE = 8_192
 
 
+_SCRATCH_ALIASES = itertools.count()
+
+
 @contextmanager
-def scratch_catalog(con: duckdb.DuckDBPyConnection, alias: str) -> Iterator[str]:
-    """A throwaway catalog ``alias`` for working tables, attached for the ``with`` block and
-    removed after it, whose small row groups let DuckDB run a statement on a small table with
-    all its threads. For a file-backed connection it is a file beside the connection's own file
-    (as protected as that file: the working tables may hold PHI), replaced if a crashed run left
-    one behind, deleted when done; for an in-memory connection, an in-memory catalog."""
+def scratch_catalog(con: duckdb.DuckDBPyConnection, name: str) -> Iterator[str]:
+    """A throwaway catalog for working tables, attached for the ``with`` block (it yields the
+    catalog's alias, ``name`` plus a number), whose small row groups let DuckDB run a statement
+    on a small table with all its threads. For a file-backed connection it is a DuckDB file in
+    a private folder (0700) made beside the connection's own file, since the working tables may
+    hold PHI; the folder is removed after the block even if it fails, and a folder that a killed
+    process of this host left behind is removed the next time. For an in-memory connection, an
+    in-memory catalog."""
+    alias = quote_ident(f"{name}_{next(_SCRATCH_ALIASES)}")
     path = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
-    scratch = Path(f"{path}.{alias}.tmp") if path else None
-    if scratch:
-        _remove_database_files(scratch)
-        con.execute(f"ATTACH {quote_path(scratch)} AS {quote_ident(alias)} (ROW_GROUP_SIZE {SCRATCH_ROW_GROUP_SIZE})")
+    folder = None
+    if path:
+        base = Path(path)
+        _remove_abandoned_scratch(base)
+        folder = Path(tempfile.mkdtemp(prefix=f"{base.name}.scratch-{_HOST}-{os.getpid()}-", dir=base.parent))
+        con.execute(f"ATTACH {quote_path(folder / 'scratch.duckdb')} AS {alias} "
+                    f"(ROW_GROUP_SIZE {SCRATCH_ROW_GROUP_SIZE})")
     else:
-        con.execute(f"ATTACH ':memory:' AS {quote_ident(alias)}")
+        con.execute(f"ATTACH ':memory:' AS {alias}")
     try:
-        yield alias
+        yield alias.strip('"')
+    except BaseException:
+        _drop_scratch(con, alias, folder, quiet=True)  # the error that got us here is the one to see
+        raise
+    _drop_scratch(con, alias, folder, quiet=False)
+
+
+def _drop_scratch(con: duckdb.DuckDBPyConnection, alias: str, folder: Optional[Path], quiet: bool) -> None:
+    try:
+        con.execute(f"DETACH {alias}")
+    except duckdb.Error:
+        if not quiet:
+            raise
     finally:
-        con.execute(f"DETACH {quote_ident(alias)}")
-        if scratch:
-            _remove_database_files(scratch)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_abandoned_scratch(base: Path) -> None:
+    pattern = re.compile(rf"{re.escape(base.name)}\.scratch-{re.escape(_HOST)}-(\d+)-")
+    for folder in base.parent.glob(f"{base.name}.scratch-*"):
+        match = pattern.match(folder.name)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sliced_scan_sql(con: duckdb.DuckDBPyConnection, table: str, key: str = "id") -> str:
@@ -188,11 +228,6 @@ def sliced_scan_sql(con: duckdb.DuckDBPyConnection, table: str, key: str = "id")
         return table
     return "(" + " UNION ALL ".join(
         f"SELECT * FROM {table} WHERE hash({key}) % {threads}::UBIGINT = {i}::UBIGINT" for i in range(threads)) + ")"
-
-
-def _remove_database_files(path: Path) -> None:
-    for file in (path, Path(f"{path}.wal")):
-        file.unlink(missing_ok=True)
 
 
 def connect(path: str = ":memory:", settings: Optional[DuckDBSettings] = None,

@@ -379,40 +379,39 @@ def scrub_notes(con: duckdb.DuckDBPyConnection, notes_sql: str, identifiers_sql:
     buckets = max(1, -(-notes // NOTES_PER_SCRUB_BUCKET))
     # the working tables live in a scratch catalog with small row groups: a bucket is smaller than
     # one default row group, which DuckDB would leave to a single thread (and so it did)
-    with scratch_catalog(con, "scrub_work"):
+    with scratch_catalog(con, "scrub_work") as catalog:
+        work = f"{catalog}.main"
         # the bucket is computed once and the rows stored in its order, so that each bucket's
         # statements read only their own row groups
-        con.execute(f"""CREATE TABLE {_SCRUB}.notes AS
+        con.execute(f"""CREATE TABLE {work}.notes AS
             SELECT note_id, owner, note, {owner_bucket_sql('owner')} AS bucket FROM ({notes_sql}) WHERE note IS NOT NULL
             ORDER BY bucket""", {"buckets": buckets})
-        con.execute(f"""CREATE TABLE {_SCRUB}.identifiers AS
+        con.execute(f"""CREATE TABLE {work}.identifiers AS
             SELECT owner, row_number() OVER () AS ident_id, runs, len(runs) AS n_runs, {owner_bucket_sql('owner')} AS bucket
             FROM (SELECT DISTINCT owner, regexp_extract_all(lower(trim(value)), '{_RUN}') AS runs
                   FROM ({identifiers_sql}) WHERE value IS NOT NULL AND length(trim(value)) >= 2)
             WHERE len(runs) > 0 ORDER BY bucket""", {"buckets": buckets})
         types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() "
-                                 "WHERE database_name = 'scrub_work' AND table_name = 'notes'").fetchall())
+                                 "WHERE database_name = ? AND table_name = 'notes'", [catalog]).fetchall())
         con.execute(f"CREATE OR REPLACE TEMP TABLE {out_table} (note_id {types['note_id']}, owner {types['owner']}, "
                     "bucket UBIGINT, note_text VARCHAR)")
         try:
             for bucket in range(buckets):
-                _scrub_bucket(con, bucket, out_table)
+                _scrub_bucket(con, work, bucket, out_table)
         finally:
             for table in ("scrub_runs", "scrub_matches"):
                 con.execute(f"DROP TABLE IF EXISTS {table}")
     return buckets
 
 
-_SCRUB = "scrub_work.main"  # scrub_notes' scratch catalog
-
-
-def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -> None:
+def _scrub_bucket(con: duckdb.DuckDBPyConnection, work: str, bucket: int, out_table: str) -> None:
+    """One bucket of scrub_notes; ``work`` is its scratch schema."""
     params = {"bucket": bucket}
-    con.execute(f"""CREATE OR REPLACE TABLE {_SCRUB}.bucket_notes AS
+    con.execute(f"""CREATE OR REPLACE TABLE {work}.bucket_notes AS
         SELECT note_id, owner, {_apply_patterns('note', NOTE_PATTERNS[:_PRE_PATTERNS])} AS note
-        FROM {_SCRUB}.notes WHERE bucket = $bucket::UBIGINT""", params)
-    con.execute(f"CREATE OR REPLACE TABLE {_SCRUB}.bucket_identifiers AS SELECT owner, ident_id, runs, n_runs "
-                f"FROM {_SCRUB}.identifiers WHERE bucket = $bucket::UBIGINT", params)
+        FROM {work}.notes WHERE bucket = $bucket::UBIGINT""", params)
+    con.execute(f"CREATE OR REPLACE TABLE {work}.bucket_identifiers AS SELECT owner, ident_id, runs, n_runs "
+                f"FROM {work}.identifiers WHERE bucket = $bucket::UBIGINT", params)
     # The runs of notes whose owner has identifiers, with their piece positions. Pieces alternate
     # run / separator, so the j-th run is piece 2j - 1, or 2j when the note starts with a separator:
     # only the runs are cut out and unnested, not the separators.
@@ -423,11 +422,11 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
             SELECT note_id, owner, sep_first, unnest(runs) AS run, generate_subscripts(runs, 1) AS j
             FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}') AS runs,
                          CASE WHEN regexp_matches(note, '^{_RUN}') THEN 0 ELSE 1 END AS sep_first
-                  FROM {_SCRUB}.bucket_notes WHERE owner IN (SELECT owner FROM {_SCRUB}.bucket_identifiers)))""")
+                  FROM {work}.bucket_notes WHERE owner IN (SELECT owner FROM {work}.bucket_identifiers)))""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_matches AS
         WITH ident_runs AS (
             SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k
-            FROM {_SCRUB}.bucket_identifiers),
+            FROM {work}.bucket_identifiers),
         starts AS (
             SELECT r.note_id, r.pos AS first_pos, i.ident_id, i.n_runs
             FROM scrub_runs r JOIN ident_runs i ON i.owner = r.owner AND i.run = r.run AND i.k = 1)
@@ -448,10 +447,10 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, bucket: int, out_table: str) -
                        regexp_extract_all(s.note, '{_RUN}|[^\p{{L}}\p{{N}}]+'),
                        lambda piece, i: CASE WHEN NOT list_contains(x.red, i) THEN piece
                                              WHEN list_contains(x.red, i - 1) THEN '' ELSE '[REDACTED]' END), '') AS note
-            FROM {_SCRUB}.bucket_notes s JOIN redacted x USING (note_id))
+            FROM {work}.bucket_notes s JOIN redacted x USING (note_id))
         SELECT s.note_id, s.owner, $bucket::UBIGINT,
                {_apply_patterns('coalesce(b.note, s.note)', NOTE_PATTERNS[_PRE_PATTERNS:])} AS note_text
-        FROM {_SCRUB}.bucket_notes s LEFT JOIN rebuilt b USING (note_id)""", {"bucket": bucket})
+        FROM {work}.bucket_notes s LEFT JOIN rebuilt b USING (note_id)""", {"bucket": bucket})
 
 
 def scrub_notes_sql(con: duckdb.DuckDBPyConnection, texts: list[str], own_identifiers: list[list[str]] | None = None) -> list[str]:
@@ -531,7 +530,8 @@ def deidentify(
 
 def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, reference_date: date,
                 date_mode: DateMode = "shift") -> DeidReport:
-    # Patient-level working table: stays in a TEMP table (PHI never written outside `raw`).
+    # Patient-level working table: a TEMP table (PHI is written to no persistent table outside `raw`;
+    # only the note scrubber's scratch file, removed when it is done, holds note texts besides).
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE deid_patient_src AS

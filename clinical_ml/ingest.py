@@ -160,15 +160,17 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
     line count, proven by its size. None when the file needs line-by-line reading (nothing of
     it is then left staged)."""
     stage = _stage(schema, table_name(rtype))
+    # WITH ORDINALITY numbers the lines but makes DuckDB read, parse and write the file on one
+    # thread. When DuckDB keeps insertion order (its default), the rows are appended in file
+    # order on all threads instead and numbered from their rowids below.
+    in_order = bool(con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()[0])
+    numbered = "" if in_order else "WITH ORDINALITY"
     try:
-        # No WITH ORDINALITY: it makes DuckDB read, parse and write the file on one thread. The
-        # rows are appended in file order instead (DuckDB preserves the order of a single
-        # source, and rowid is the order of a table's rows), and numbered from their rowids below.
         con.execute(
             f"""INSERT INTO {stage}
-                SELECT keys[2], doc, ?, NULL, ?, {_object_reason(rtype)}
-                FROM (SELECT json AS doc, json_extract_string(json, {_KEYS}) AS keys
-                      FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}))""",
+                SELECT keys[2], doc, ?, {"NULL" if in_order else "ordinality"}, ?, {_object_reason(rtype)}
+                FROM (SELECT *, json AS doc, json_extract_string(json, {_KEYS}) AS keys
+                      FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}) {numbered})""",
             [path.name, landing_id, str(path)],
         )
     except duckdb.InvalidInputException:
@@ -184,8 +186,9 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
     if size != text_bytes + newlines or (rows and last_rowid - first_rowid + 1 != rows):
         con.execute(f"DELETE FROM {stage} WHERE source_file = ?", [path.name])
         return None
-    con.execute(f"UPDATE {stage} SET line_no = rowid - $first + 1 WHERE source_file = $file",
-                {"first": first_rowid, "file": path.name})
+    if in_order:
+        con.execute(f"UPDATE {stage} SET line_no = rowid - $first + 1 WHERE source_file = $file",
+                    {"first": first_rowid, "file": path.name})
     return rows
 
 

@@ -174,6 +174,9 @@ def test_observation_values_and_components_survive_odd_shapes(tmp_path):
         # a coding object where FHIR has a list, a value that is not a number, a date only in `issued`
         observation("o-odd", code={"coding": {"system": loinc, "code": "2339-0"}}, valueQuantity={"value": [1]},
                     effectiveDateTime=None, issued="2020-01-02T03:04:05Z"),
+        # FHIR JSON has no nulls: a null value, or a component that is not an object, measures nothing
+        observation("o-null-value", code=coding(loinc, "8480-6"), valueQuantity=None),
+        observation("o-scalar-component", code=coding(loinc, "85354-9"), component="n/a"),
     ]
     con = land(tmp_path, resources)
     deidentify(con, TEST_KEY, reference_date=REFERENCE)

@@ -192,3 +192,22 @@ def test_a_sliced_scan_reads_every_row_once_from_a_table_or_a_view(threads):
     for source, expected in (("t", 1000), ("v", 1005)):
         rows = con.execute(f"SELECT id FROM {sliced_scan_sql(con, source)}").fetchall()
         assert len(rows) == expected and len(set(rows)) == expected
+
+
+def test_the_scratch_catalog_is_private_and_gone_after_use_even_on_error(tmp_path):
+    from clinical_ml.db import _HOST, scratch_catalog
+
+    con = duckdb.connect(str(tmp_path / "batch.duckdb"))
+    abandoned = tmp_path / f"batch.duckdb.scratch-{_HOST}-999999999-x"  # a killed process's leftover
+    abandoned.mkdir()
+    with scratch_catalog(con, "work") as catalog:
+        con.execute(f"CREATE TABLE {catalog}.main.t AS SELECT 'a note' AS note")
+        [folder] = [p for p in tmp_path.iterdir() if ".scratch-" in p.name]
+        assert folder.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in tmp_path.iterdir() if ".scratch-" in p.name]
+    with pytest.raises(RuntimeError):
+        with scratch_catalog(con, "work") as catalog:
+            con.execute(f"CREATE TABLE {catalog}.main.t AS SELECT 1")
+            raise RuntimeError("a failed scrub")
+    assert not [p for p in tmp_path.iterdir() if ".scratch-" in p.name]
+    assert con.execute("SELECT count(*) FROM duckdb_databases() WHERE database_name LIKE 'work%'").fetchone()[0] == 0

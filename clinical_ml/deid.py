@@ -143,7 +143,7 @@ class DeidReport:
 
 def pseudonym(key: bytes, kind: str, resource_id: str) -> str:
     """Keyed pseudonym for ``kind/resource_id`` (the same function the SQL uses)."""
-    return hmac.new(key, f"{kind}/{resource_id}".encode(), hashlib.sha256).hexdigest()[:24]
+    return _KeyedSha256(key).pseudonym(kind, resource_id)
 
 
 class _KeyedSha256:
@@ -162,6 +162,9 @@ class _KeyedSha256:
         inner.update(message.encode())
         outer.update(inner.digest())
         return outer.hexdigest()
+
+    def pseudonym(self, kind: str, resource_id: str) -> str:
+        return self.hexdigest(f"{kind}/{resource_id}")[:24]
 
 
 def date_shift_days(key: bytes, patient_id: str, max_days: int) -> int:
@@ -197,7 +200,7 @@ def register_functions(con: duckdb.DuckDBPyConnection, key: bytes, max_shift_day
 
     def _pseudonym(kinds: pa.Array, ids: pa.Array) -> pa.Array:
         return pa.array(
-            [None if i is None else keyed.hexdigest(f"{k}/{i}")[:24] for k, i in zip(kinds.to_pylist(), ids.to_pylist())],
+            [None if i is None else keyed.pseudonym(k, i) for k, i in zip(kinds.to_pylist(), ids.to_pylist())],
             pa.string(),
         )
 
@@ -234,7 +237,7 @@ def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift
                                 WHEN json_type(j) = 'ARRAY' THEN coalesce(TRY_CAST(j AS JSON[]), [])
                                 ELSE [j] END""",
         "str_list(j) AS list_filter(list_transform(json_list(j), lambda x: x->>'$'), lambda x: x IS NOT NULL)",
-        """codings(j) AS coalesce(TRY(from_json(j, '[{"system":"VARCHAR","code":"VARCHAR"}]')), [])""",
+        f"""codings(j) AS coalesce(TRY(from_json(j, '{json.dumps([_CODING])}')), [])""",
         # The RxNorm coding when there is one, else the first: {system, code}, NULL when none.
         f"""best_coding(j) AS coalesce(list_filter(codings(j), lambda c: c.system = '{RXNORM_SYSTEM}')[1],
                                         codings(j)[1])""",
@@ -312,7 +315,8 @@ def _patient_identifier_values_sql(fields: str) -> str:
 # json_transform shapes (DuckDB parses a resource once into these typed fields; a field of
 # another shape becomes NULL, never an error). A measurement is an Observation's value or one of
 # its components; `component` stays JSON so that a lone object is still read as a list.
-_CODINGS_SHAPE = {"coding": [{"system": "VARCHAR", "code": "VARCHAR"}]}
+_CODING = {"system": "VARCHAR", "code": "VARCHAR"}
+_CODINGS_SHAPE = {"coding": [_CODING]}
 _MEASUREMENT = {"code": _CODINGS_SHAPE, "valueQuantity": {"value": "VARCHAR", "unit": "VARCHAR"},
                 "valueCodeableConcept": _CODINGS_SHAPE}
 _MEASUREMENT_SHAPE = json.dumps(_MEASUREMENT)

@@ -157,14 +157,26 @@ class _KeyedSha256:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
-    def hexdigest(self, message: str) -> str:
-        inner, outer = self._inner.copy(), self._outer.copy()
-        inner.update(message.encode())
-        outer.update(inner.digest())
-        return outer.hexdigest()
-
     def pseudonym(self, kind: str, resource_id: str) -> str:
-        return self.hexdigest(f"{kind}/{resource_id}")[:24]
+        return self.pseudonyms([kind], [resource_id])[0]
+
+    def pseudonyms(self, kinds: list, resource_ids: list) -> list:
+        """``pseudonym`` of each (kind, id) pair, None for a None id; each kind's prefix is hashed
+        once (the SQL UDF calls this for a whole vector)."""
+        prefixed: dict[str, object] = {}
+        outer, out = self._outer, []
+        for kind, resource_id in zip(kinds, resource_ids):
+            if resource_id is None:
+                out.append(None)
+                continue
+            if (base := prefixed.get(kind)) is None:
+                base = prefixed[kind] = self._inner.copy()
+                base.update(f"{kind}/".encode())
+            inner, final = base.copy(), outer.copy()
+            inner.update(resource_id.encode())
+            final.update(inner.digest())
+            out.append(final.hexdigest()[:24])
+        return out
 
 
 def date_shift_days(key: bytes, patient_id: str, max_days: int) -> int:
@@ -199,10 +211,7 @@ def register_functions(con: duckdb.DuckDBPyConnection, key: bytes, max_shift_day
     keyed = _KeyedSha256(key)
 
     def _pseudonym(kinds: pa.Array, ids: pa.Array) -> pa.Array:
-        return pa.array(
-            [None if i is None else keyed.pseudonym(k, i) for k, i in zip(kinds.to_pylist(), ids.to_pylist())],
-            pa.string(),
-        )
+        return pa.array(keyed.pseudonyms(kinds.to_pylist(), ids.to_pylist()), pa.string())
 
     def _shift(ids: pa.Array) -> pa.Array:
         return pa.array(
@@ -421,12 +430,17 @@ def _scrub_bucket(con: duckdb.DuckDBPyConnection, work: str, bucket: int, out_ta
     # only the runs are cut out and unnested, not the separators.
     # (runs and matches are TEMP tables: the runs have many rows, so default row groups already
     # spread them over the threads, and writing them to the scratch file cost more than it gained)
+    # Only runs that are a run of one of the owner's own identifiers are kept: no other run can
+    # be part of a match, and they are most of a note's words.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_runs AS
-        SELECT note_id, owner, 2 * j - 1 + sep_first AS pos, lower(run) AS run FROM (
-            SELECT note_id, owner, sep_first, unnest(runs) AS run, generate_subscripts(runs, 1) AS j
-            FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}') AS runs,
-                         CASE WHEN regexp_matches(note, '^{_RUN}') THEN 0 ELSE 1 END AS sep_first
-                  FROM {work}.bucket_notes WHERE owner IN (SELECT owner FROM {work}.bucket_identifiers)))""")
+        SELECT n.note_id, n.owner, n.pos, n.run FROM (
+            SELECT note_id, owner, 2 * j - 1 + sep_first AS pos, lower(run) AS run FROM (
+                SELECT note_id, owner, sep_first, unnest(runs) AS run, generate_subscripts(runs, 1) AS j
+                FROM (SELECT note_id, owner, regexp_extract_all(note, '{_RUN}') AS runs,
+                             CASE WHEN regexp_matches(note, '^{_RUN}') THEN 0 ELSE 1 END AS sep_first
+                      FROM {work}.bucket_notes WHERE owner IN (SELECT owner FROM {work}.bucket_identifiers)))) n
+        JOIN (SELECT DISTINCT owner, unnest(runs) AS run FROM {work}.bucket_identifiers) i
+          ON i.owner = n.owner AND i.run = n.run""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE scrub_matches AS
         WITH ident_runs AS (
             SELECT owner, ident_id, n_runs, unnest(runs) AS run, generate_subscripts(runs, 1) AS k
@@ -593,16 +607,17 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
             d.doc.type.coding[1].code AS type_code,
             TRY(decode(from_base64(d.doc.content[1].attachment.data))) AS note
         FROM (SELECT id, json_transform(resource, '{_DOCUMENT_SHAPE}') AS doc FROM {r}.document_reference) d
-        JOIN deid_patient_src p ON p.patient_id = ref_id(d.doc.subject.reference)
         LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(
             CASE json_type(d.doc.context.encounter) WHEN 'ARRAY' THEN d.doc.context.encounter->0->>'reference'
-                                                    ELSE d.doc.context.encounter->>'reference' END)""")
+                                                    ELSE d.doc.context.encounter->>'reference' END)
+        JOIN deid_patient_src p ON p.patient_id = ref_id(d.doc.subject.reference)""")
     # Condition and Observation `note` (Annotation.text) and `identifier` counts (for the removal
-    # counts): few, but only a parse finds them, so one parse serves both.
+    # counts): few, and only resources whose text has such a key are parsed.
     side = " UNION ALL ".join(
         f"""SELECT '{rtype}' AS t, id, ref_id(x.subject.reference) AS owner, json_list(x.note) AS notes,
                    len(json_list(x.identifier)) AS n_identifiers
-            FROM (SELECT id, json_transform(resource, '{_NOTES_AND_IDENTIFIERS_SHAPE}') AS x FROM {r}.{table})"""
+            FROM (SELECT id, json_transform(resource, '{_NOTES_AND_IDENTIFIERS_SHAPE}') AS x FROM {r}.{table}
+                  WHERE {_may_have_keys('resource', 'note', 'identifier')})"""
         for rtype, table in (("Condition", "condition"), ("Observation", "observation")))
     con.execute(f"""CREATE OR REPLACE TEMP TABLE deid_notes_and_identifiers AS
         SELECT * FROM ({side}) WHERE len(notes) > 0 OR n_identifiers > 0""")
@@ -664,8 +679,8 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                     c.cond.clinicalStatus.coding[1].code AS clinical_status,
                     c.cond.verificationStatus.coding[1].code AS verification_status
                 FROM (SELECT id, json_transform(resource, '{_CONDITION_SHAPE}') AS cond FROM {r}.condition) c
-                JOIN deid_patient_src p ON p.patient_id = ref_id(c.cond.subject.reference)
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(c.cond.encounter.reference)
+                JOIN deid_patient_src p ON p.patient_id = ref_id(c.cond.subject.reference)
             )""",
         # The largest table: each resource is parsed once, straight into typed fields
         # (json_transform: no JSON text re-parsed per field), and its value and its components
@@ -684,9 +699,11 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                         CASE json_type(o.component) WHEN 'ARRAY' THEN from_json(o.component, '[{_MEASUREMENT_SHAPE}]')
                                                     WHEN 'OBJECT' THEN [from_json(o.component, '{_MEASUREMENT_SHAPE}')]
                                                     ELSE [] END)) AS m
+                -- the encounter keys first: written after the patient join, DuckDB built its
+                -- hash table from the (larger) parsed observations, which took 17 of 43 s at 100k
                 FROM fields
-                JOIN deid_patient_src p ON p.patient_id = ref_id(o.subject.reference)
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(o.encounter.reference)
+                JOIN deid_patient_src p ON p.patient_id = ref_id(o.subject.reference)
             )
             SELECT patient_key, encounter_key, effective_date,
                 coalesce(list_filter(m.code.coding, lambda x: x.system = 'http://loinc.org')[1].code,
@@ -725,8 +742,8 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                 m.resource->>'status' AS status, m.resource->>'intent' AS intent,
                 deid_date(fhir_date(m.resource->>'authoredOn'), p.shift_days) AS authored_date
             FROM resolved m
-            JOIN deid_patient_src p ON p.patient_id = ref_id(m.resource->'subject'->>'reference')
-            LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(m.resource->'encounter'->>'reference')""",
+            LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(m.resource->'encounter'->>'reference')
+            JOIN deid_patient_src p ON p.patient_id = ref_id(m.resource->'subject'->>'reference')""",
         # Annotation.text of Conditions and Observations (FHIR `note`): clinical free text,
         # scrubbed like the documents; author and time stay behind.
         "annotation": """
@@ -786,6 +803,15 @@ def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: st
             LEFT JOIN (SELECT note_id, note_text FROM deid_notes_scrubbed WHERE bucket = $bucket::UBIGINT) n USING (note_id)""",
                     {"bucket": bucket})
     con.execute("DROP TABLE deid_document_fields")
+
+
+def _may_have_keys(json_text: str, *keys: str) -> str:
+    """SQL: true unless the JSON text ``json_text`` certainly has none of the member names ``keys``
+    (plain ASCII names), at the cost of a substring search instead of a parse. A name is written
+    either as itself in quotes or with \\u escapes, which JSON allows for any character, so text
+    with an escape is always parsed."""
+    return "(" + " OR ".join([f"contains({json_text}, '\"{k}\"')" for k in keys] +
+                             [f"contains({json_text}, '\\u')"]) + ")"
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str):
@@ -964,6 +990,9 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
                        SELECT category, phrase, owner_key, run, count(*) OVER (PARTITION BY category, phrase, owner_key) AS runs
                        FROM (SELECT DISTINCT category, phrase, owner_key, unnest(phrase_runs) AS run
                              FROM leak_ids WHERE NOT single_token)""")
+        # every run an identifier has: a text's other runs cannot be part of a match
+        con.execute("""CREATE OR REPLACE TEMP TABLE leak_vocabulary AS
+                       SELECT value AS token FROM leak_ids WHERE single_token UNION SELECT run FROM leak_phrase_runs""")
         _check_key_reproduces_patient_keys(con, tables)
         for table in tables:
             schema, name = table.split(".")
@@ -978,14 +1007,19 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
                 # distinct (patient, text) pairs, so they set the count: a column of units or codes
                 # has 10M rows at 100k patients but a few per patient, and each extra bucket is one
                 # more pass over the whole column.
-                pairs, chars = con.execute(
+                # A column whose every value is one run (pseudonyms, codes like "male") needs no
+                # tokenizing and cannot hold a phrase: its values are joined as they are.
+                pairs, chars, one_run = con.execute(
                     f"SELECT approx_count_distinct(hash({owner}, {quote_ident(column)})), "
-                    f"coalesce(sum(strlen({quote_ident(column)})), 0) FROM {source}").fetchone()
+                    f"coalesce(sum(strlen({quote_ident(column)})), 0), "
+                    f"coalesce(bool_and(regexp_full_match(lower({quote_ident(column)}), '{_RUN}')), false) "
+                    f"FROM {source}").fetchone()
                 buckets = max(1, -(-int(chars) // LEAK_SCAN_CHARS_PER_BUCKET),
                               -(-int(pairs) // LEAK_SCAN_PAIRS_PER_BUCKET)) if owner != "NULL::VARCHAR" else 1
+                hits_of = _leak_hits_of_runs if one_run else _leak_hits
                 hits_by_category: dict[str, int] = {}
                 for bucket in range(buckets):
-                    for category, hits in _leak_hits(con, source, quote_ident(column), owner, tags, buckets, bucket):
+                    for category, hits in hits_of(con, source, quote_ident(column), owner, tags, buckets, bucket):
                         hits_by_category[category] = hits_by_category.get(category, 0) + int(hits)
                 for category, hits in hits_by_category.items():
                     findings.append({"table": table, "column": column, "category": category, "hits": hits})
@@ -994,6 +1028,7 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
     finally:
         con.execute("DROP TABLE IF EXISTS leak_ids")
         con.execute("DROP TABLE IF EXISTS leak_phrase_runs")
+        con.execute("DROP TABLE IF EXISTS leak_vocabulary")
     return findings
 
 
@@ -1001,6 +1036,22 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
 # distinct (patient, value) pairs.
 LEAK_SCAN_CHARS_PER_BUCKET = 30_000_000
 LEAK_SCAN_PAIRS_PER_BUCKET = 1_000_000
+
+
+def _leak_hits_of_runs(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str,
+                       buckets: int, bucket: int) -> list[tuple[str, int]]:
+    """``_leak_hits`` of a column whose lowercased values are each one run: the same hits (a
+    value is its only token, no tag can be in it, no phrase of two runs or more can match)."""
+    return con.execute(
+        f"""WITH tokens AS (
+                SELECT DISTINCT {owner} AS owner, lower({column}) AS token
+                FROM {table} WHERE {column} IS NOT NULL AND {owner_bucket_sql(owner)} = $bucket::UBIGINT)
+            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
+            WHERE i.single_token AND i.owner_key IS NULL GROUP BY i.category
+            UNION ALL
+            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value AND t.owner = i.owner_key
+            WHERE i.single_token GROUP BY i.category""",
+        {"buckets": buckets, "bucket": bucket}).fetchall()
 
 
 def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str, buckets: int,
@@ -1014,14 +1065,18 @@ def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: s
     first run joined every text holding "2" to every birth date starting with "2/"."""
     return con.execute(
         f"""WITH texts AS (
-                SELECT row_number() OVER () AS text_id, owner, runs, ' ' || array_to_string(runs, ' ') || ' ' AS flat
+                SELECT row_number() OVER () AS text_id, owner, runs
                 FROM (SELECT owner, regexp_extract_all(text, '[\\p{{L}}\\p{{N}}]+') AS runs
                       -- the scrubber's own tags ("[PHONE]") are not data: a patient named
                       -- "Phone" must not fail the check on every scrubbed note
                       FROM (SELECT DISTINCT {owner} AS owner,
                                    regexp_replace(lower({column}), '\\[(?:{tags})\\]', ' ', 'g') AS text
                             FROM {table} WHERE {column} IS NOT NULL AND {owner_bucket_sql(owner)} = $bucket::UBIGINT))),
-            tokens AS (SELECT DISTINCT text_id, owner, unnest(runs) AS token FROM texts),
+            -- only runs that some identifier has can match: the rest (most of a note's words) are
+            -- dropped before the DISTINCT and the joins
+            tokens AS (SELECT DISTINCT u.text_id, u.owner, u.token
+                       FROM (SELECT text_id, owner, unnest(runs) AS token FROM texts) u
+                       JOIN leak_vocabulary v ON v.token = u.token),
             frequency AS (SELECT token, count(*) AS texts FROM tokens GROUP BY token),
             phrases AS (  -- a phrase with a run none of these texts holds cannot be in them
                 SELECT p.category, p.phrase, p.owner_key, arg_min(p.run, f.texts) AS anchor
@@ -1035,9 +1090,10 @@ def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: s
             UNION ALL
             SELECT p.category, count(*) FROM phrases p
             JOIN tokens t ON t.token = p.anchor JOIN texts x ON x.text_id = t.text_id
-            WHERE p.owner_key IS NULL AND contains(x.flat, ' ' || p.phrase || ' ') GROUP BY p.category
+            WHERE p.owner_key IS NULL AND contains(' ' || array_to_string(x.runs, ' ') || ' ', ' ' || p.phrase || ' ')
+            GROUP BY p.category
             UNION ALL
             SELECT p.category, count(*) FROM phrases p
             JOIN tokens t ON t.token = p.anchor AND t.owner = p.owner_key JOIN texts x ON x.text_id = t.text_id
-            WHERE contains(x.flat, ' ' || p.phrase || ' ') GROUP BY p.category""",
+            WHERE contains(' ' || array_to_string(x.runs, ' ') || ' ', ' ' || p.phrase || ' ') GROUP BY p.category""",
         {"buckets": buckets, "bucket": bucket}).fetchall()

@@ -126,6 +126,31 @@ def test_leak_check_matches_multi_word_identifiers_by_their_runs_whatever_the_se
         {"table": "deid.document_reference", "column": "note_text", "category": "identifier", "hits": 1}]
 
 
+def test_one_word_columns_are_checked_like_texts_own_names_only_in_own_rows(small_export, monkeypatch):
+    """Columns whose values are single words (keys, statuses) take a shortcut past tokenizing;
+    it finds what the general scan finds: an identifier anywhere, a name only in its patient's rows."""
+    import clinical_ml.deid as deid
+
+    con = duckdb.connect()
+    land_ndjson(con, small_export)
+    deidentify(con, TEST_KEY)
+    tables = [f"deid.{t}" for t in DEID_TABLES]
+    patients = read_resources(small_export, "Patient")
+    family = patients[5]["name"][0]["family"]
+    mrn = next(i["value"] for i in patients[3]["identifier"] if i["value"].isalnum())
+    own_key, other_key = (pseudonym(TEST_KEY, "Patient", p["id"]) for p in (patients[5], patients[6]))
+    assert con.execute("SELECT count(*) FROM deid.encounter WHERE patient_key IN (?, ?)", [own_key, other_key]).fetchone()[0]
+    con.execute("UPDATE deid.encounter SET status = ? WHERE patient_key = ?", [family.upper(), own_key])
+    con.execute("UPDATE deid.encounter SET status = ? WHERE patient_key = ?", [family, other_key])  # not theirs
+    con.execute("UPDATE deid.condition SET condition_key = ? WHERE rowid = 0", [mrn])
+    shortcut = find_identifier_leaks(con, tables, TEST_KEY)
+    own_rows = con.execute("SELECT count(DISTINCT status) FROM deid.encounter WHERE patient_key = ?", [own_key]).fetchone()[0]
+    assert sorted((f["table"], f["column"], f["category"], f["hits"]) for f in shortcut) == [
+        ("deid.condition", "condition_key", "identifier", 1), ("deid.encounter", "status", "name", own_rows)]
+    monkeypatch.setattr(deid, "_leak_hits_of_runs", deid._leak_hits)  # the general scan
+    assert find_identifier_leaks(con, tables, TEST_KEY) == shortcut
+
+
 def test_missing_key_is_a_clear_error_without_key_material(monkeypatch):
     monkeypatch.delenv("DEID_SECRET_KEY", raising=False)
     monkeypatch.delenv("CLINICAL_DEMO_MODE", raising=False)

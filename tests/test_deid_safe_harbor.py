@@ -163,6 +163,25 @@ def test_condition_and_observation_notes_are_kept_scrubbed(tmp_path):
     assert counts["other_identifiers"] == 3  # the condition's and the observation's identifiers, left behind
 
 
+def test_notes_are_found_when_the_export_escapes_their_member_names(tmp_path):
+    # JSON may spell any character of a member name as a \\u escape; such a note is still a note
+    # (resources are only parsed when their text may hold a `note` or `identifier` member)
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"given": ["Quentin"], "family": "Vasquez"}]}
+    observation = {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"},
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                   "valueQuantity": {"value": 150}, "note": [{"text": "Vasquez measured after exercise"}],
+                   "identifier": [{"value": "ACC-1"}]}
+    escaped = json.dumps(observation).replace('"note"', '"n\\u006fte"').replace('"identifier"', '"identifie\\u0072"')
+    assert '"note"' not in escaped and json.loads(escaped) == observation
+    con = land(tmp_path, [patient])
+    (tmp_path / "Observation.000.ndjson").write_text(escaped + "\n")
+    land_ndjson(con, tmp_path)
+    deidentify(con, TEST_KEY, reference_date=REFERENCE)
+    assert con.execute("SELECT note_text FROM deid.annotation").fetchall() == [("[REDACTED] measured after exercise",)]
+    counts = dict(con.execute("SELECT category, removed FROM deid.removal_counts").fetchall())
+    assert counts["other_identifiers"] == 1
+
+
 def test_dates_can_be_generalized_to_the_year_instead(tmp_path):
     patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1970-02-03"}
     con = land(tmp_path, [patient, encounter("p1", "e1", "2021-05-17T08:00:00Z", "2021-05-19T08:00:00Z")])

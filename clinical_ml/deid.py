@@ -612,7 +612,7 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                                                     ELSE d.doc.context.encounter->>'reference' END)
         JOIN deid_patient_src p ON p.patient_id = ref_id(d.doc.subject.reference)""")
     # Condition and Observation `note` (Annotation.text) and `identifier` counts (for the removal
-    # counts): few, and only resources whose text has such a key are parsed.
+    # counts): few, and only resources whose text may have such a member are parsed.
     side = " UNION ALL ".join(
         f"""SELECT '{rtype}' AS t, id, ref_id(x.subject.reference) AS owner, json_list(x.note) AS notes,
                    len(json_list(x.identifier)) AS n_identifiers
@@ -1008,7 +1008,7 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
                 # has 10M rows at 100k patients but a few per patient, and each extra bucket is one
                 # more pass over the whole column.
                 # A column whose every value is one run (pseudonyms, codes like "male") needs no
-                # tokenizing and cannot hold a phrase: its values are joined as they are.
+                # tokenizing and can hold only one-run phrases: its values are joined as they are.
                 pairs, chars, one_run = con.execute(
                     f"SELECT approx_count_distinct(hash({owner}, {quote_ident(column)})), "
                     f"coalesce(sum(strlen({quote_ident(column)})), 0), "
@@ -1040,17 +1040,25 @@ LEAK_SCAN_PAIRS_PER_BUCKET = 1_000_000
 
 def _leak_hits_of_runs(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str,
                        buckets: int, bucket: int) -> list[tuple[str, int]]:
-    """``_leak_hits`` of a column whose lowercased values are each one run: the same hits (a
-    value is its only token, no tag can be in it, no phrase of two runs or more can match)."""
+    """``_leak_hits`` of a column whose lowercased values are each one run: the same hits. A
+    value is its only token and no tag can be in it; of the phrases, only those of one run can
+    match ("#QX77" is the phrase "qx77"), and they match where they equal the token."""
     return con.execute(
         f"""WITH tokens AS (
                 SELECT DISTINCT {owner} AS owner, lower({column}) AS token
-                FROM {table} WHERE {column} IS NOT NULL AND {owner_bucket_sql(owner)} = $bucket::UBIGINT)
+                FROM {table} WHERE {column} IS NOT NULL AND {owner_bucket_sql(owner)} = $bucket::UBIGINT),
+            one_run_phrases AS (SELECT DISTINCT category, phrase, owner_key FROM leak_phrase_runs WHERE runs = 1)
             SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
             WHERE i.single_token AND i.owner_key IS NULL GROUP BY i.category
             UNION ALL
             SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value AND t.owner = i.owner_key
-            WHERE i.single_token GROUP BY i.category""",
+            WHERE i.single_token GROUP BY i.category
+            UNION ALL
+            SELECT p.category, count(*) FROM one_run_phrases p JOIN tokens t ON t.token = p.phrase
+            WHERE p.owner_key IS NULL GROUP BY p.category
+            UNION ALL
+            SELECT p.category, count(*) FROM one_run_phrases p JOIN tokens t ON t.token = p.phrase AND t.owner = p.owner_key
+            GROUP BY p.category""",
         {"buckets": buckets, "bucket": bucket}).fetchall()
 
 

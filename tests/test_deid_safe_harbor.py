@@ -93,6 +93,24 @@ def test_leak_check_covers_contacts_city_full_zip_and_resource_ids(tmp_path, cat
     assert planted.lower() not in repr(findings).lower()
 
 
+def test_one_word_columns_find_values_that_are_one_word_only_once_cut(tmp_path, monkeypatch):
+    """"#QX77" and "Vasquez." are one run once punctuation is cut: in a column of single words
+    (which skips tokenizing) they are found as the general scan finds them, in their owner's rows."""
+    import clinical_ml.deid as deid
+
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Vasquez.", "given": ["Quentin"]}],
+               "identifier": [{"value": "#QX77"}]}
+    con = land(tmp_path, [patient])
+    own = pseudonym(TEST_KEY, "Patient", "p1")
+    con.execute("CREATE TABLE main.t (patient_key VARCHAR, status VARCHAR)")
+    con.execute("INSERT INTO main.t VALUES (?, 'QX77'), (?, 'Vasquez'), (?, 'finished'), ('someone-else', 'vasquez')",
+                [own, own, own])
+    shortcut = find_identifier_leaks(con, ["main.t"], TEST_KEY)
+    assert sorted((f["category"], f["hits"]) for f in shortcut) == [("identifier", 1), ("name", 1)]
+    monkeypatch.setattr(deid, "_leak_hits_of_runs", deid._leak_hits)  # the general scan
+    assert find_identifier_leaks(con, ["main.t"], TEST_KEY) == shortcut
+
+
 def test_malformed_patient_shapes_neither_raise_nor_hide_identifiers(tmp_path):
     odd = {"resourceType": "Patient", "id": "p1",
            "name": {"given": "Bartholomew", "family": "Quixley"},  # an object where FHIR has an array

@@ -337,8 +337,8 @@ _ENCOUNTER_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "class": "JS
 _CONDITION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter": {"reference": "VARCHAR"},
                                "code": _CODINGS_SHAPE, "onsetDateTime": "VARCHAR", "onsetPeriod": {"start": "VARCHAR"},
                                "abatementDateTime": "VARCHAR", "abatementPeriod": {"start": "VARCHAR"},
-                               "recordedDate": "VARCHAR", "clinicalStatus": _CODINGS_SHAPE,
-                               "verificationStatus": _CODINGS_SHAPE})
+                               # a CodeableConcept in R4, a plain code in STU3 and DSTU2
+                               "recordedDate": "VARCHAR", "clinicalStatus": "JSON", "verificationStatus": "JSON"})
 _NOTES_AND_IDENTIFIERS_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "note": "JSON", "identifier": "JSON"})
 _OBSERVATION_SHAPE = json.dumps({"subject": {"reference": "VARCHAR"}, "encounter": {"reference": "VARCHAR"},
                                  "effectiveDateTime": "VARCHAR", "effectivePeriod": {"start": "VARCHAR"},
@@ -676,8 +676,8 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                     deid_date(coalesce(fhir_date(c.cond.abatementDateTime), fhir_date(c.cond.abatementPeriod.start)),
                               p.shift_days) AS abatement_date,
                     deid_date(fhir_date(c.cond.recordedDate), p.shift_days) AS recorded_date,
-                    c.cond.clinicalStatus.coding[1].code AS clinical_status,
-                    c.cond.verificationStatus.coding[1].code AS verification_status
+                    {_status_code_sql('c.cond.clinicalStatus')} AS clinical_status,
+                    {_status_code_sql('c.cond.verificationStatus')} AS verification_status
                 FROM (SELECT id, json_transform(resource, '{_CONDITION_SHAPE}') AS cond FROM {r}.condition) c
                 LEFT JOIN deid_encounter_keys k ON k.encounter_id = ref_id(c.cond.encounter.reference)
                 JOIN deid_patient_src p ON p.patient_id = ref_id(c.cond.subject.reference)
@@ -803,6 +803,12 @@ def _deidentify_documents(con: duckdb.DuckDBPyConnection, r: str, out_schema: st
             LEFT JOIN (SELECT note_id, note_text FROM deid_notes_scrubbed WHERE bucket = $bucket::UBIGINT) n USING (note_id)""",
                     {"bucket": bucket})
     con.execute("DROP TABLE deid_document_fields")
+
+
+def _status_code_sql(status: str) -> str:
+    """SQL: the code of a status member (JSON) sent as a CodeableConcept (R4) or as a code (STU3)."""
+    return (f"CASE json_type({status}) WHEN 'VARCHAR' THEN {status}->>'$' "
+            f"ELSE codings({status}->'coding')[1].code END")
 
 
 def _may_have_keys(json_text: str, *keys: str) -> str:

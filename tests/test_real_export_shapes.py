@@ -187,3 +187,25 @@ def test_observation_values_and_components_survive_odd_shapes(tmp_path):
                            ("8480-6", 142.5, None, None, True),
                            ("72166-2", None, None, "8517006", True),
                            (None, None, None, None, True)], key=str)
+
+
+def test_condition_statuses_are_read_as_r4_concepts_and_as_stu3_codes(tmp_path):
+    # STU3 (and DSTU2) servers send Condition.clinicalStatus / verificationStatus as plain codes;
+    # a refuted diagnosis must stay recognisable whichever version sent it
+    def condition(cid: str, **status) -> dict:
+        return {"resourceType": "Condition", "id": cid, "subject": {"reference": "Patient/p1"},
+                "code": coding("http://snomed.info/sct", "59621000"), "onsetDateTime": "2019-01-01", **status}
+
+    ver = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+    con = land(tmp_path, [
+        patient("p1", "Arlo", "Quenby"),
+        condition("c-r4", clinicalStatus=coding("http://terminology.hl7.org/CodeSystem/condition-clinical", "active"),
+                  verificationStatus=coding(ver, "refuted")),
+        condition("c-stu3", clinicalStatus="resolved", verificationStatus="refuted"),
+        condition("c-none"),
+    ])
+    deidentify(con, TEST_KEY, reference_date=REFERENCE)
+    rows = con.execute("SELECT condition_key, clinical_status, verification_status FROM deid.condition").fetchall()
+    assert sorted(rows, key=str) == sorted([(pseudonym(TEST_KEY, "Condition", "c-r4"), "active", "refuted"),
+                                            (pseudonym(TEST_KEY, "Condition", "c-stu3"), "resolved", "refuted"),
+                                            (pseudonym(TEST_KEY, "Condition", "c-none"), None, None)], key=str)

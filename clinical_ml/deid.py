@@ -1044,6 +1044,15 @@ LEAK_SCAN_CHARS_PER_BUCKET = 30_000_000
 LEAK_SCAN_PAIRS_PER_BUCKET = 1_000_000
 
 
+# The hits of one-word values among a bucket's `tokens` (owner, token): anyone's unique values,
+# and a patient's own (name tokens, city) only in that patient's rows.
+_SINGLE_TOKEN_HITS = """SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
+            WHERE i.single_token AND i.owner_key IS NULL GROUP BY i.category
+            UNION ALL
+            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value AND t.owner = i.owner_key
+            WHERE i.single_token GROUP BY i.category"""
+
+
 def _leak_hits_of_runs(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: str, tags: str,
                        buckets: int, bucket: int) -> list[tuple[str, int]]:
     """``_leak_hits`` of a column whose lowercased values are each one run: the same hits. A
@@ -1054,11 +1063,7 @@ def _leak_hits_of_runs(con: duckdb.DuckDBPyConnection, table: str, column: str, 
                 SELECT DISTINCT {owner} AS owner, lower({column}) AS token
                 FROM {table} WHERE {column} IS NOT NULL AND {owner_bucket_sql(owner)} = $bucket::UBIGINT),
             one_run_phrases AS (SELECT DISTINCT category, phrase, owner_key FROM leak_phrase_runs WHERE runs = 1)
-            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
-            WHERE i.single_token AND i.owner_key IS NULL GROUP BY i.category
-            UNION ALL
-            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value AND t.owner = i.owner_key
-            WHERE i.single_token GROUP BY i.category
+            {_SINGLE_TOKEN_HITS}
             UNION ALL
             SELECT p.category, count(*) FROM one_run_phrases p JOIN tokens t ON t.token = p.phrase
             WHERE p.owner_key IS NULL GROUP BY p.category
@@ -1096,11 +1101,7 @@ def _leak_hits(con: duckdb.DuckDBPyConnection, table: str, column: str, owner: s
                 SELECT p.category, p.phrase, p.owner_key, arg_min(p.run, f.texts) AS anchor
                 FROM frequency f JOIN leak_phrase_runs p ON p.run = f.token
                 GROUP BY ALL HAVING count(*) = any_value(p.runs))
-            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value
-            WHERE i.single_token AND i.owner_key IS NULL GROUP BY i.category
-            UNION ALL
-            SELECT i.category, count(*) FROM leak_ids i JOIN tokens t ON t.token = i.value AND t.owner = i.owner_key
-            WHERE i.single_token GROUP BY i.category
+            {_SINGLE_TOKEN_HITS}
             UNION ALL
             SELECT p.category, count(*) FROM phrases p
             JOIN tokens t ON t.token = p.anchor JOIN texts x ON x.text_id = t.text_id

@@ -17,6 +17,14 @@ def _all_text(con) -> str:
     return "\n".join(parts).lower()
 
 
+def _deidentified_export(export) -> duckdb.DuckDBPyConnection:
+    """A connection of its own holding ``export`` landed and de-identified (for tests that change it)."""
+    con = duckdb.connect()
+    land_ndjson(con, export)
+    deidentify(con, TEST_KEY)
+    return con
+
+
 def test_generated_identifiers_appear_nowhere_in_deidentified_tables(deid_con, small_export):
     text = _all_text(deid_con)
     checked = 0
@@ -97,9 +105,7 @@ def test_notes_are_scrubbed_but_keep_their_clinical_meaning():
 
 
 def test_leak_check_finds_a_planted_identifier_without_revealing_it(small_export):
-    con = duckdb.connect()
-    land_ndjson(con, small_export)
-    deidentify(con, TEST_KEY)
+    con = _deidentified_export(small_export)
     tables = [f"deid.{t}" for t in DEID_TABLES]
     assert find_identifier_leaks(con, tables, TEST_KEY) == []
     ssn = read_resources(small_export, "Patient")[3]["identifier"][1]["value"]
@@ -111,9 +117,7 @@ def test_leak_check_finds_a_planted_identifier_without_revealing_it(small_export
 
 def test_leak_check_matches_multi_word_identifiers_by_their_runs_whatever_the_separators(small_export):
     """"999 12 3456" is the SSN "999-12-3456" written otherwise; "999-12-34567" is another number."""
-    con = duckdb.connect()
-    land_ndjson(con, small_export)
-    deidentify(con, TEST_KEY)
+    con = _deidentified_export(small_export)
     tables = ["deid.document_reference"]
     ssn = read_resources(small_export, "Patient")[3]["identifier"][1]["value"]
     assert "-" in ssn
@@ -131,9 +135,7 @@ def test_one_word_columns_are_checked_like_texts_own_names_only_in_own_rows(smal
     it finds what the general scan finds: an identifier anywhere, a name only in its patient's rows."""
     import clinical_ml.deid as deid
 
-    con = duckdb.connect()
-    land_ndjson(con, small_export)
-    deidentify(con, TEST_KEY)
+    con = _deidentified_export(small_export)
     tables = [f"deid.{t}" for t in DEID_TABLES]
     patients = read_resources(small_export, "Patient")
     family = patients[5]["name"][0]["family"]
@@ -197,9 +199,7 @@ def test_the_leak_check_in_patient_buckets_finds_what_one_pass_finds(small_expor
     a patient's own name included (scoped to their rows, whichever bucket they fall in)."""
     import clinical_ml.deid as deid
 
-    con = duckdb.connect()
-    land_ndjson(con, small_export)
-    deidentify(con, TEST_KEY)
+    con = _deidentified_export(small_export)
     tables = [f"deid.{t}" for t in DEID_TABLES]
     patients = read_resources(small_export, "Patient")
     ssn = patients[3]["identifier"][1]["value"]

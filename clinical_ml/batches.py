@@ -30,6 +30,7 @@ import polars as pl
 
 from clinical_ml.db import DuckDBSettings, attach_read_only, connect, open_database, quote_ident, table_exists
 from clinical_ml.features import FeatureSpec, LandmarkPlan, read_feature_spec
+from clinical_ml.ingest import add_patient_ids
 
 BATCH_KEY = re.compile(r"b(\d{4,})-[a-z0-9][a-z0-9-]{0,40}")
 SourceKind = Literal["configured", "synthetic", "directory"]
@@ -266,6 +267,7 @@ def seed_raw_from(con: duckdb.DuckDBPyConnection, store: BatchStore, previous: s
         for table in tables:
             con.execute(f"CREATE OR REPLACE TABLE raw.{quote_ident(table)} AS "
                         f"SELECT * FROM previous_batch.raw.{quote_ident(table)}")
+        add_patient_ids(con, "raw")  # a batch landed before the column existed
     finally:
         con.execute("DETACH DATABASE IF EXISTS previous_batch")
         locks.close()

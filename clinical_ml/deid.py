@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from clinical_ml.codes import RXNORM_SYSTEM, encounter_class_sql
 from clinical_ml.db import quote_ident, scratch_catalog, sliced_scan_sql, table_exists, transaction
-from clinical_ml.ingest import BOOKKEEPING_TABLES
+from clinical_ml.ingest import BOOKKEEPING_TABLES, REF_ID_MACRO
 
 # 3-digit zip prefixes with 20,000 or fewer people (2000 Census), which Safe Harbor maps to 000.
 RESTRICTED_ZIP3 = (
@@ -232,13 +232,7 @@ def register_functions(con: duckdb.DuckDBPyConnection, key: bytes, max_shift_day
 def register_macros(con: duckdb.DuckDBPyConnection, date_mode: DateMode = "shift") -> None:
     """The shape-tolerant JSON helpers (no key needed: the leak scan uses these alone)."""
     macros = [
-        # The id of a reference: "Patient/1", "https://host/fhir/Patient/1", ".../Patient/1/_history/2",
-        # "urn:uuid:1". The common shapes skip the regex (a quarter of its cost, on every reference).
-        r"""ref_id(r) AS
-            CASE WHEN r LIKE 'urn:uuid:%' THEN substr(r, 10)
-                 WHEN NOT contains(r, '/_history/') AND regexp_full_match(split_part(r, '/', -2), '[A-Za-z]+')
-                      THEN nullif(split_part(r, '/', -1), '')
-                 ELSE nullif(regexp_extract(r, '([A-Za-z]+)/([^/]+?)(/_history/[^/]+)?$', 2), '') END""",
+        REF_ID_MACRO,
         "fhir_date(s) AS TRY_CAST(substr(s, 1, 10) AS DATE)",
         # A FHIR array as JSON[]: [] when absent; a lone object or scalar where FHIR has an array
         # becomes a one-element list, so malformed shapes neither raise nor hide identifiers.

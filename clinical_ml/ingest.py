@@ -28,7 +28,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from clinical_ml.db import table_exists, transaction
+from clinical_ml.db import quote_ident, table_exists, transaction
 
 # Resource types every downstream stage expects; their raw tables exist (maybe empty) after
 # any landing so that a source without, say, Observation still flows through the graph.
@@ -98,7 +98,21 @@ def resource_files(ndjson_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]
     return found, skipped
 
 
-_KEYS = "['$.resourceType', '$.id']"
+_KEYS = "['$.resourceType', '$.id', '$.subject.reference']"
+# The id of a reference: "Patient/1", "https://host/fhir/Patient/1", ".../Patient/1/_history/2",
+# "urn:uuid:1". The common shapes skip the regex (a quarter of its cost, on every reference).
+REF_ID_MACRO = r"""ref_id(r) AS
+    CASE WHEN r LIKE 'urn:uuid:%' THEN substr(r, 10)
+         WHEN NOT contains(r, '/_history/') AND regexp_full_match(split_part(r, '/', -2), '[A-Za-z]+')
+              THEN nullif(split_part(r, '/', -1), '')
+         ELSE nullif(regexp_extract(r, '([A-Za-z]+)/([^/]+?)(/_history/[^/]+)?$', 2), '') END"""
+
+
+def _patient_id_sql(resource_type: str) -> str:
+    """The id of the patient a parsed line (``keys``) is about: a Patient's own id, else the id
+    of its ``subject`` reference (what de-identification joins on). Landed as ``patient_id`` so
+    that a patient's resources can be picked out by patient bucket without parsing them again."""
+    return "keys[2]" if resource_type == "Patient" else "ref_id(keys[3])"
 _STAGE_PREFIX = "__landing_"
 
 
@@ -142,7 +156,8 @@ def _create_stages(con: duckdb.DuckDBPyConnection, schema: str, types: list[str]
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     for rtype in types:
         con.execute(f"""CREATE OR REPLACE TABLE {_stage(schema, table_name(rtype))} (
-            id VARCHAR, resource JSON, source_file VARCHAR, line_no BIGINT, landing_id VARCHAR, reason VARCHAR)""")
+            id VARCHAR, resource JSON, source_file VARCHAR, line_no BIGINT, landing_id VARCHAR, reason VARCHAR,
+            patient_id VARCHAR)""")
     con.execute(f"""CREATE OR REPLACE TABLE {_stage(schema, 'quarantine')} (landing_id VARCHAR, source_file VARCHAR,
                     line_no BIGINT, resource_type VARCHAR, reason VARCHAR, line VARCHAR)""")
 
@@ -168,7 +183,8 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
     try:
         con.execute(
             f"""INSERT INTO {stage}
-                SELECT keys[2], doc, ?, {"NULL" if in_order else "ordinality"}, ?, {_object_reason(rtype)}
+                SELECT keys[2], doc, ?, {"NULL" if in_order else "ordinality"}, ?, {_object_reason(rtype)},
+                       {_patient_id_sql(rtype)}
                 FROM (SELECT *, json AS doc, json_extract_string(json, {_KEYS}) AS keys
                       FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}) {numbered})""",
             [path.name, landing_id, str(path)],
@@ -242,7 +258,7 @@ def _stage_line_by_line(con: duckdb.DuckDBPyConnection, schema: str, rtype: str,
                                      THEN TRY_CAST(line AS JSON) END AS doc FROM landing_batch)""")
         con.unregister("landing_batch")
         con.execute(
-            f"""INSERT INTO {stage} SELECT keys[2], doc, ?, line_no, ?, NULL FROM landing_parsed
+            f"""INSERT INTO {stage} SELECT keys[2], doc, ?, line_no, ?, NULL, {_patient_id_sql(rtype)} FROM landing_parsed
                 WHERE coalesce(doc IS NOT NULL AND keys[1] = ? AND coalesce(keys[2], '') <> '', false)""",
             [path.name, landing_id, rtype])
         con.execute(
@@ -470,6 +486,7 @@ def land_ndjson(
     types = sorted({t for t, _ in files} | set(CORE_RESOURCE_TYPES) | {t for t, _ in deleted})
 
     _drop_stages(con, schema)  # leftovers of a crashed landing
+    con.execute(f"CREATE OR REPLACE TEMP MACRO {REF_ID_MACRO}")
     try:
         _create_stages(con, schema, types)
         # Lines per file as read (before any line is classified), so a line lost between
@@ -524,6 +541,28 @@ def _count_files(con: duckdb.DuckDBPyConnection, schema: str, types: list[str], 
                 ORDER BY source_file""", [landing_id])
     finally:
         con.unregister("file_line_counts")
+
+
+def add_patient_ids(con: duckdb.DuckDBPyConnection, schema: str = "raw") -> list[str]:
+    """Give the resource tables of a batch landed before ``patient_id`` existed that column (an
+    incremental export merges onto such a batch; de-identification by patient bucket reads it).
+    Returns the tables changed."""
+    missing = [t for (t,) in con.execute(
+        """SELECT table_name FROM duckdb_columns() WHERE schema_name = $schema AND column_name = 'resource'
+           AND database_name = current_database() AND NOT starts_with(table_name, $stage)
+           EXCEPT SELECT table_name FROM duckdb_columns() WHERE schema_name = $schema AND column_name = 'patient_id'
+           AND database_name = current_database() ORDER BY 1""",
+        {"schema": schema, "stage": _STAGE_PREFIX}).fetchall()]
+    if missing:
+        con.execute(f"CREATE OR REPLACE TEMP MACRO {REF_ID_MACRO}")
+        with transaction(con):
+            for table in missing:
+                target = f"{quote_ident(schema)}.{quote_ident(table)}"
+                con.execute(f"ALTER TABLE {target} ADD COLUMN patient_id VARCHAR")
+                expression = ("id" if table == "patient" else
+                              "ref_id(json_extract_string(resource, '$.subject.reference'))")
+                con.execute(f"UPDATE {target} SET patient_id = {expression}")
+    return missing
 
 
 def _commit_raw_tables(con, schema: str, types: list[str], mode: Mode, deleted: list[tuple[str, str]]) -> int:

@@ -1,0 +1,221 @@
+"""De-identification of one batch in patient buckets: steps that run apart, then one combine.
+
+A batch's patients are split by a hash of their id into ``buckets`` groups. Each bucket is
+de-identified (and leak-checked) by a step of its own that reads the batch file read-only and
+writes a bucket file of its own, so the buckets of a batch run at the same time on separate
+processes or machines (DuckDB: one writer per file, any number of readers). The combine step then
+copies the buckets' tables into the batch file's ``deid`` schema, which everything downstream
+reads. What must be the same for every bucket (the age reference date, the demo-key check) is
+decided once per batch, by ``plan_buckets``.
+
+A resource belongs to the bucket of the patient it is about (``raw.*.patient_id``, set at
+landing): the joins of de-identification never cross patients, so the union of the buckets'
+tables is the de-identification of the whole batch. The one lookup table every bucket needs
+whole (``raw.medication``: a request may name a Medication resource) is read whole.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import duckdb
+
+from clinical_ml.db import DuckDBSettings, attach_read_only, open_database, quote_ident, quote_path, transaction
+from clinical_ml.deid import (DEID_TABLES, DateMode, DeidentificationError, DeidReport, MissingSecretKey,
+                              age_reference_date, count_real_patients, deidentify, find_identifier_leaks,
+                              register_macros, safe_error_message)
+from clinical_ml.ingest import add_patient_ids
+
+# Raw tables every bucket reads whole: lookups that a patient's resources point into.
+SHARED_LOOKUP_TABLES = ("medication",)
+# The identity tables the leak check reads whole: a patient's phone in another bucket's note is a leak.
+IDENTITY_TABLES = ("patient", "practitioner", "related_person")
+_SOURCE = "bucket_source"  # the in-memory catalog of a bucket step's views over the batch file
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """What every bucket of one batch shares (no PHI: it travels between steps)."""
+
+    buckets: int
+    reference_date: date
+    patients: int
+
+
+@dataclass
+class BucketOutcome:
+    """One bucket's de-identification report and leak findings (counts only, never values)."""
+
+    bucket: int
+    report: DeidReport
+    findings: list[dict]
+    deidentification_seconds: float
+    leak_check_seconds: float
+
+
+@dataclass
+class CombinedDeid:
+    report: DeidReport
+    findings: list[dict]
+    rows_by_bucket: dict[str, int] = field(default_factory=dict)
+
+
+def bucket_sql(patient_id: str, buckets: int) -> str:
+    """SQL for the bucket (0 .. buckets-1) of a row with patient id ``patient_id``; rows about no
+    patient (no subject) all fall in bucket 0, so each is counted once."""
+    return f"CASE WHEN {patient_id} IS NULL THEN 0 ELSE hash({patient_id}) % {int(buckets)}::UBIGINT END"
+
+
+def bucket_path(batch_path: Path, bucket: int, buckets: int) -> Path:
+    """The bucket's own DuckDB file, in a folder beside the batch file."""
+    batch_path = Path(batch_path)
+    return batch_path.parent / f"{batch_path.stem}.buckets" / f"{bucket + 1:02d}-of-{buckets:02d}.duckdb"
+
+
+def plan_buckets(con: duckdb.DuckDBPyConnection, buckets: int, reference_date: date | None,
+                 synthetic_only: bool) -> BucketPlan:
+    """Decide once per batch what its buckets share; ``con`` is the batch file, writable (a batch
+    landed before ``patient_id`` existed gets the column here, before buckets read it)."""
+    if buckets < 1:
+        raise ValueError(f"patient buckets must be at least 1, not {buckets}")
+    register_macros(con)
+    if synthetic_only and (real := count_real_patients(con)):
+        raise MissingSecretKey(
+            f"The published demo key only de-identifies the built-in synthetic data, but {real} landed patients "
+            "did not come from the generator. Set DEID_SECRET_KEY to a long random secret.")
+    add_patient_ids(con, "raw")
+    patients = con.execute("SELECT count(*) FROM raw.patient").fetchone()[0]
+    return BucketPlan(buckets=buckets, reference_date=reference_date or age_reference_date(con), patients=patients)
+
+
+def remove_stale_buckets(batch_path: Path, plan: BucketPlan) -> list[Path]:
+    """Bucket files of an earlier bucket count (they would never be read again)."""
+    folder = bucket_path(batch_path, 0, plan.buckets).parent
+    keep = {bucket_path(batch_path, b, plan.buckets).name for b in range(plan.buckets)}
+    stale = [p for p in folder.glob("*.duckdb") if p.name not in keep] if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: bytes, settings: DuckDBSettings,
+                      max_shift_days: int = 365, date_mode: DateMode = "shift") -> BucketOutcome:
+    """De-identify and leak-check the patients of one bucket into its own file (schema ``deid``).
+    Reads the batch file read-only, so the buckets of a batch can run at the same time."""
+    import time
+
+    if not 0 <= bucket < plan.buckets:
+        raise ValueError(f"bucket {bucket} is not one of {plan.buckets}")
+    path = bucket_path(batch_path, bucket, plan.buckets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as locks, open_database(str(path), settings) as con:
+        attach_read_only(con, batch_path, "batch", locks)
+        try:
+            _bucket_views(con, bucket, plan.buckets)
+        except duckdb.Error as error:
+            raise DeidentificationError(f"bucket views failed: {safe_error_message(error)}") from None
+        started = time.perf_counter()
+        report = deidentify(con, key, max_shift_days=max_shift_days, date_mode=date_mode,
+                            reference_date=plan.reference_date)
+        deidentified = time.perf_counter()
+        findings = find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], key, raw_schema="batch_identities")
+        checked = time.perf_counter()
+        con.execute("DETACH DATABASE IF EXISTS batch")
+    return BucketOutcome(bucket=bucket, report=report, findings=findings,
+                         deidentification_seconds=round(deidentified - started, 2),
+                         leak_check_seconds=round(checked - deidentified, 2))
+
+
+def _bucket_views(con: duckdb.DuckDBPyConnection, bucket: int, buckets: int) -> None:
+    """In an in-memory catalog: schema ``raw``, the bucket's rows of every raw resource table
+    (lookups whole), and schema ``batch_identities``, the identity tables whole. The catalog is
+    on the search path, so de-identification reads ``raw.observation`` as it does in a batch file."""
+    con.execute(f"ATTACH ':memory:' AS {_SOURCE}")
+    con.execute(f"CREATE SCHEMA {_SOURCE}.raw")
+    con.execute(f"CREATE SCHEMA {_SOURCE}.batch_identities")
+    tables = con.execute(
+        """SELECT table_name, bool_or(column_name = 'patient_id') FROM duckdb_columns()
+           WHERE database_name = 'batch' AND schema_name = 'raw' GROUP BY ALL ORDER BY 1""").fetchall()
+    for table, has_patient in tables:
+        name = quote_ident(table)
+        if table in SHARED_LOOKUP_TABLES or not has_patient:  # bookkeeping tables have no patient
+            where = ""
+        else:
+            where = f" WHERE {bucket_sql('patient_id', buckets)} = {int(bucket)}"
+        con.execute(f"CREATE VIEW {_SOURCE}.raw.{name} AS SELECT * FROM batch.raw.{name}{where}")
+        if table in IDENTITY_TABLES:
+            con.execute(f"CREATE VIEW {_SOURCE}.batch_identities.{name} AS SELECT * FROM batch.raw.{name}")
+    database = con.execute("SELECT current_database()").fetchone()[0]
+    # a schema-qualified name is looked up in the search path's entries of that schema name
+    con.execute(f"SET search_path = {quote_path(f'{database}.main,{_SOURCE}.raw,{_SOURCE}.batch_identities')}")
+
+
+def combine_buckets(con: duckdb.DuckDBPyConnection, batch_path: Path, outcomes: list[BucketOutcome],
+                    plan: BucketPlan) -> CombinedDeid:
+    """Copy the buckets' ``deid`` tables into the batch file (``con``, writable) in one
+    transaction, after checking that every landed patient is in exactly one bucket."""
+    if sorted(o.bucket for o in outcomes) != list(range(plan.buckets)):
+        raise DeidentificationError(f"expected the outcomes of buckets 0..{plan.buckets - 1}, got "
+                                    f"{sorted(o.bucket for o in outcomes)}")
+    aliases = [f"bucket_{b}" for b in range(plan.buckets)]
+    with ExitStack() as locks:
+        for b, alias in enumerate(aliases):
+            attach_read_only(con, bucket_path(batch_path, b, plan.buckets), alias, locks)
+        try:
+            patients, keys = con.execute(
+                "SELECT count(*), count(DISTINCT patient_key) FROM (" + " UNION ALL ".join(
+                    f"SELECT patient_key FROM {a}.deid.patient" for a in aliases) + ")").fetchone()
+            landed = con.execute("SELECT count(*) FROM raw.patient").fetchone()[0]
+            if not patients == keys == landed:
+                raise DeidentificationError(
+                    f"patient buckets do not reconcile: {landed} landed patients, {patients} de-identified rows, "
+                    f"{keys} distinct keys (were the buckets made by different versions of the code?)")
+            rows_by_bucket = {}
+            with transaction(con):
+                con.execute("CREATE SCHEMA IF NOT EXISTS deid")
+                for table in DEID_TABLES:
+                    con.execute(f"CREATE OR REPLACE TABLE deid.{quote_ident(table)} AS " + " UNION ALL ".join(
+                        f"SELECT * FROM {a}.deid.{quote_ident(table)}" for a in aliases))
+                con.execute("CREATE OR REPLACE TABLE deid.removal_counts AS SELECT category, sum(removed)::BIGINT "
+                            "AS removed FROM (" + " UNION ALL ".join(
+                                f"SELECT category, removed FROM {a}.deid.removal_counts" for a in aliases)
+                            + ") GROUP BY category ORDER BY category")
+                con.execute(f"CREATE OR REPLACE TABLE deid.settings AS SELECT * FROM {aliases[0]}.deid.settings")
+                for b, alias in enumerate(aliases):
+                    rows_by_bucket[f"{b + 1:02d}"] = con.execute(
+                        f"SELECT count(*) FROM {alias}.deid.patient").fetchone()[0]
+        except duckdb.Error as error:
+            raise DeidentificationError(f"combining the buckets failed: {safe_error_message(error)}") from None
+        finally:
+            for alias in aliases:
+                con.execute(f"DETACH DATABASE IF EXISTS {alias}")
+    return CombinedDeid(report=_sum_reports([o.report for o in outcomes]), findings=_sum_findings(outcomes),
+                        rows_by_bucket=rows_by_bucket)
+
+
+def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
+def _sum_reports(reports: list[DeidReport]) -> DeidReport:
+    return DeidReport(
+        rows_by_table=_sum_counts([r.rows_by_table for r in reports]),
+        removed_by_category=_sum_counts([r.removed_by_category for r in reports]),
+        orphan_rows_dropped=_sum_counts([r.orphan_rows_dropped for r in reports]),
+        reference_date=reports[0].reference_date,
+        resource_types_left_behind=sorted({t for r in reports for t in r.resource_types_left_behind}),
+        medications_by_source=_sum_counts([r.medications_by_source for r in reports]),
+        medication_references_unresolved=sum(r.medication_references_unresolved for r in reports),
+    )
+
+
+def _sum_findings(outcomes: list[BucketOutcome]) -> list[dict]:
+    hits = _sum_counts([{(f["table"], f["column"], f["category"]): f["hits"] for f in o.findings} for o in outcomes])
+    return [{"table": t, "column": c, "category": k, "hits": n} for (t, c, k), n in sorted(hits.items())]

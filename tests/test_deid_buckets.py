@@ -1,0 +1,116 @@
+"""De-identification in patient buckets (separate steps, separate files) gives what one pass gives."""
+
+from datetime import date
+
+import duckdb
+import pytest
+
+from clinical_ml import deid_buckets
+from clinical_ml.db import DuckDBSettings, open_database, table_fingerprints
+from clinical_ml.deid import DeidentificationError, deidentify
+from clinical_ml.deid_buckets import bucket_path, combine_buckets, deidentify_bucket, plan_buckets
+from clinical_ml.ingest import add_patient_ids, land_ndjson
+from tests.conftest import TEST_KEY, read_resources, shared_sample
+
+REFERENCE = date(2026, 1, 1)
+
+
+def _landed(tmp_path, export):
+    batch = tmp_path / "b0001-test.duckdb"
+    settings = DuckDBSettings(temp_directory=str(tmp_path / "spill"))
+    with open_database(str(batch), settings) as con:
+        land_ndjson(con, export)
+    return batch, settings
+
+
+def _bucketed(batch, settings, buckets):
+    with open_database(str(batch), settings) as con:
+        plan = plan_buckets(con, buckets, REFERENCE, synthetic_only=False)
+    outcomes = [deidentify_bucket(batch, b, plan, TEST_KEY, settings) for b in range(buckets)]
+    with open_database(str(batch), settings) as con:
+        combined = combine_buckets(con, batch, outcomes, plan)
+        return plan, outcomes, combined, table_fingerprints(con, ["deid"])
+
+
+def _one_pass(batch, settings):
+    with open_database(str(batch), settings) as con:
+        report = deidentify(con, TEST_KEY, reference_date=REFERENCE)
+        return report, table_fingerprints(con, ["deid"])
+
+
+@pytest.mark.parametrize("source", ["generated", "synthea-bulk-10p", "synthea-stu3-1461p"])
+def test_buckets_combined_equal_one_pass_tables_and_counts(tmp_path, small_export, source):
+    """The stu3 sample names its drugs by reference to Medication resources, which every bucket reads whole."""
+    export = small_export if source == "generated" else shared_sample(source)
+    batch, settings = _landed(tmp_path, export)
+    plan, outcomes, combined, bucketed = _bucketed(batch, settings, buckets=3)
+    report, whole = _one_pass(batch, settings)
+    assert bucketed == whole
+    assert combined.report.removed_by_category == report.removed_by_category
+    assert combined.report.orphan_rows_dropped == report.orphan_rows_dropped
+    assert combined.report.medications_by_source == report.medications_by_source
+    assert combined.findings == []
+    assert sum(combined.rows_by_bucket.values()) == plan.patients
+    assert all(n > 0 for n in combined.rows_by_bucket.values())  # the hash spreads patients
+    assert all(bucket_path(batch, b, 3).exists() for b in range(3))
+
+
+def test_a_bucket_finds_an_identifier_of_a_patient_in_another_bucket(tmp_path, small_export, monkeypatch):
+    """The leak check of a bucket looks for every landed patient's identifiers, not only its own
+    patients': another patient's SSN in a note is a leak wherever that patient's bucket is."""
+    batch, settings = _landed(tmp_path, small_export)
+    with open_database(str(batch), settings) as con:
+        plan = plan_buckets(con, 2, REFERENCE, synthetic_only=False)
+        owners = dict(con.execute(f"SELECT id, {deid_buckets.bucket_sql('patient_id', 2)} FROM raw.patient").fetchall())
+    other = next(p for p in read_resources(small_export, "Patient") if owners[p["id"]] == 1)
+    ssn = other["identifier"][1]["value"]
+
+    def planting(con, *args, **kwargs):
+        report = deidentify(con, *args, **kwargs)
+        con.execute("UPDATE deid.document_reference SET note_text = note_text || ' ssn ' || ? WHERE rowid = 0", [ssn])
+        return report
+
+    monkeypatch.setattr(deid_buckets, "deidentify", planting)
+    outcome = deidentify_bucket(batch, 0, plan, TEST_KEY, settings)
+    assert outcome.findings == [
+        {"table": "deid.document_reference", "column": "note_text", "category": "identifier", "hits": 1}]
+    assert ssn not in repr(outcome)
+
+
+def test_buckets_that_do_not_reconcile_are_refused_and_leave_the_tables_as_they_were(tmp_path, small_export):
+    batch, settings = _landed(tmp_path, small_export)
+    plan, outcomes, _, before = _bucketed(batch, settings, buckets=2)
+    with open_database(str(bucket_path(batch, 1, 2)), settings) as con:  # a patient lost from a bucket
+        con.execute("DELETE FROM deid.patient WHERE rowid = 0")
+    with open_database(str(batch), settings) as con:
+        with pytest.raises(DeidentificationError, match="do not reconcile"):
+            combine_buckets(con, batch, outcomes, plan)
+        with pytest.raises(DeidentificationError, match="expected the outcomes of buckets 0..1"):
+            combine_buckets(con, batch, outcomes[:1], plan)
+        assert table_fingerprints(con, ["deid"]) == before
+
+
+def test_a_batch_landed_before_patient_ids_gets_them_as_landing_gives_them(tmp_path, small_export):
+    batch, settings = _landed(tmp_path, small_export)
+    with open_database(str(batch), settings) as con:
+        landed = {t: con.execute(f"SELECT list(patient_id ORDER BY id) FROM raw.{t}").fetchone()[0]
+                  for t in ("patient", "observation", "document_reference")}
+        assert None not in landed["observation"]
+        for table in landed:
+            con.execute(f"ALTER TABLE raw.{table} DROP COLUMN patient_id")
+        assert set(add_patient_ids(con)) >= set(landed)
+        assert add_patient_ids(con) == []  # once
+        for table, ids in landed.items():
+            assert con.execute(f"SELECT list(patient_id ORDER BY id) FROM raw.{table}").fetchone()[0] == ids
+
+
+def test_the_demo_key_check_and_the_bucket_count_are_decided_once_per_batch(tmp_path):
+    con = duckdb.connect()
+    land_ndjson(con, shared_sample("synthea-bulk-10p"))
+    with pytest.raises(Exception, match="published demo key"):
+        plan_buckets(con, 2, None, synthetic_only=True)
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_buckets(con, 0, None, synthetic_only=False)
+    plan = plan_buckets(con, 2, None, synthetic_only=False)
+    assert plan.reference_date >= date.today()
+    assert plan.patients == con.execute("SELECT count(*) FROM raw.patient").fetchone()[0] > 0

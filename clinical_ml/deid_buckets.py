@@ -17,7 +17,9 @@ whole (``raw.medication``: a request may name a Medication resource) is read who
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+import json
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -60,6 +62,7 @@ class BucketOutcome:
 class CombinedDeid:
     report: DeidReport
     findings: list[dict]
+    outcomes: list[BucketOutcome]
     rows_by_bucket: dict[str, int] = field(default_factory=dict)
 
 
@@ -105,8 +108,6 @@ def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: byte
                       max_shift_days: int = 365, date_mode: DateMode = "shift") -> BucketOutcome:
     """De-identify and leak-check the patients of one bucket into its own file (schema ``deid``).
     Reads the batch file read-only, so the buckets of a batch can run at the same time."""
-    import time
-
     if not 0 <= bucket < plan.buckets:
         raise ValueError(f"bucket {bucket} is not one of {plan.buckets}")
     path = bucket_path(batch_path, bucket, plan.buckets)
@@ -123,10 +124,32 @@ def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: byte
         deidentified = time.perf_counter()
         findings = find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], key, raw_schema="batch_identities")
         checked = time.perf_counter()
+        outcome = BucketOutcome(bucket=bucket, report=report, findings=findings,
+                                deidentification_seconds=round(deidentified - started, 2),
+                                leak_check_seconds=round(checked - deidentified, 2))
+        # the outcome is kept with the bucket's tables: the combine reads it from there, whatever
+        # machine made the bucket (an executor need not pass step outputs between steps)
+        con.execute("CREATE OR REPLACE TABLE main.bucket_outcome AS SELECT ? AS buckets, ? AS reference_date, "
+                    "?::JSON AS outcome", [plan.buckets, plan.reference_date, json.dumps(asdict(outcome))])
         con.execute("DETACH DATABASE IF EXISTS batch")
-    return BucketOutcome(bucket=bucket, report=report, findings=findings,
-                         deidentification_seconds=round(deidentified - started, 2),
-                         leak_check_seconds=round(checked - deidentified, 2))
+    return outcome
+
+
+def read_bucket_outcome(con: duckdb.DuckDBPyConnection, alias: str, bucket: int, plan: BucketPlan) -> BucketOutcome:
+    """The outcome stored in the bucket file attached as ``alias``, refused when it was made
+    under another plan (a stale file of an earlier run)."""
+    row = con.execute(f"SELECT buckets, reference_date, outcome FROM {quote_ident(alias)}.main.bucket_outcome"
+                      ).fetchone() if con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = 'bucket_outcome'", [alias]
+    ).fetchone()[0] else None
+    if row is None or (row[0], row[1]) != (plan.buckets, plan.reference_date):
+        raise DeidentificationError(f"patient bucket {bucket + 1} of {plan.buckets} was not made under this run's plan: "
+                                    "materialize deidentified_fhir again")
+    stored = json.loads(row[2])
+    outcome = BucketOutcome(**{**stored, "report": DeidReport(**stored["report"])})
+    if outcome.bucket != bucket:
+        raise DeidentificationError(f"the file of patient bucket {bucket + 1} holds bucket {outcome.bucket + 1}")
+    return outcome
 
 
 def _bucket_views(con: duckdb.DuckDBPyConnection, bucket: int, buckets: int) -> None:
@@ -153,18 +176,20 @@ def _bucket_views(con: duckdb.DuckDBPyConnection, bucket: int, buckets: int) -> 
     con.execute(f"SET search_path = {quote_path(f'{database}.main,{_SOURCE}.raw,{_SOURCE}.batch_identities')}")
 
 
-def combine_buckets(con: duckdb.DuckDBPyConnection, batch_path: Path, outcomes: list[BucketOutcome],
-                    plan: BucketPlan) -> CombinedDeid:
+def combine_buckets(con: duckdb.DuckDBPyConnection, batch_path: Path, plan: BucketPlan) -> CombinedDeid:
     """Copy the buckets' ``deid`` tables into the batch file (``con``, writable) in one
-    transaction, after checking that every landed patient is in exactly one bucket."""
-    if sorted(o.bucket for o in outcomes) != list(range(plan.buckets)):
-        raise DeidentificationError(f"expected the outcomes of buckets 0..{plan.buckets - 1}, got "
-                                    f"{sorted(o.bucket for o in outcomes)}")
+    transaction, after checking that every bucket was made under ``plan`` and that every landed
+    patient is in exactly one bucket."""
     aliases = [f"bucket_{b}" for b in range(plan.buckets)]
+    missing = [b + 1 for b in range(plan.buckets) if not bucket_path(batch_path, b, plan.buckets).exists()]
+    if missing:
+        raise DeidentificationError(f"patient buckets {missing} of {plan.buckets} have no file: materialize "
+                                    "deidentified_fhir again")
     with ExitStack() as locks:
         for b, alias in enumerate(aliases):
             attach_read_only(con, bucket_path(batch_path, b, plan.buckets), alias, locks)
         try:
+            outcomes = [read_bucket_outcome(con, alias, b, plan) for b, alias in enumerate(aliases)]
             patients, keys = con.execute(
                 "SELECT count(*), count(DISTINCT patient_key) FROM (" + " UNION ALL ".join(
                     f"SELECT patient_key FROM {a}.deid.patient" for a in aliases) + ")").fetchone()
@@ -193,7 +218,7 @@ def combine_buckets(con: duckdb.DuckDBPyConnection, batch_path: Path, outcomes: 
             for alias in aliases:
                 con.execute(f"DETACH DATABASE IF EXISTS {alias}")
     return CombinedDeid(report=_sum_reports([o.report for o in outcomes]), findings=_sum_findings(outcomes),
-                        rows_by_bucket=rows_by_bucket)
+                        outcomes=outcomes, rows_by_bucket=rows_by_bucket)
 
 
 def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:

@@ -23,3 +23,13 @@ def default_mlflow_tracking_uri() -> str:
 
 def default_mlflow_artifact_root() -> str:
     return os.environ.get("MLFLOW_ARTIFACT_ROOT", str(data_home() / "mlflow" / "artifacts"))
+
+
+def patient_buckets() -> int:
+    """How many patient buckets a batch is de-identified in (CLINICAL_PATIENT_BUCKETS, default
+    4): each is a step of its own, so this many can run at once on an executor with workers.
+    It shapes the asset graph, so it is read when the definitions load."""
+    value = os.environ.get("CLINICAL_PATIENT_BUCKETS", "4")
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise ValueError(f"CLINICAL_PATIENT_BUCKETS must be a whole number from 1 to 64, not {value!r}")
+    return int(value)

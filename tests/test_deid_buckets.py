@@ -1,5 +1,6 @@
 """De-identification in patient buckets (separate steps, separate files) gives what one pass gives."""
 
+from dataclasses import replace
 from datetime import date
 
 import duckdb
@@ -28,7 +29,7 @@ def _bucketed(batch, settings, buckets):
         plan = plan_buckets(con, buckets, REFERENCE, synthetic_only=False)
     outcomes = [deidentify_bucket(batch, b, plan, TEST_KEY, settings) for b in range(buckets)]
     with open_database(str(batch), settings) as con:
-        combined = combine_buckets(con, batch, outcomes, plan)
+        combined = combine_buckets(con, batch, plan)
         return plan, outcomes, combined, table_fingerprints(con, ["deid"])
 
 
@@ -53,6 +54,7 @@ def test_buckets_combined_equal_one_pass_tables_and_counts(tmp_path, small_expor
     assert sum(combined.rows_by_bucket.values()) == plan.patients
     assert all(n > 0 for n in combined.rows_by_bucket.values())  # the hash spreads patients
     assert all(bucket_path(batch, b, 3).exists() for b in range(3))
+    assert combined.outcomes == outcomes  # read back from the bucket files as the buckets made them
 
 
 def test_a_bucket_finds_an_identifier_of_a_patient_in_another_bucket(tmp_path, small_export, monkeypatch):
@@ -84,10 +86,15 @@ def test_buckets_that_do_not_reconcile_are_refused_and_leave_the_tables_as_they_
         con.execute("DELETE FROM deid.patient WHERE rowid = 0")
     with open_database(str(batch), settings) as con:
         with pytest.raises(DeidentificationError, match="do not reconcile"):
-            combine_buckets(con, batch, outcomes, plan)
-        with pytest.raises(DeidentificationError, match="expected the outcomes of buckets 0..1"):
-            combine_buckets(con, batch, outcomes[:1], plan)
+            combine_buckets(con, batch, plan)
+        # a bucket file of an earlier plan (another reference date) is not combined with this one's
+        with pytest.raises(DeidentificationError, match="bucket 1 of 2 was not made under this run's plan"):
+            combine_buckets(con, batch, replace(plan, reference_date=date(2025, 1, 1)))
         assert table_fingerprints(con, ["deid"]) == before
+    bucket_path(batch, 0, 2).unlink()
+    with open_database(str(batch), settings) as con:
+        with pytest.raises(DeidentificationError, match=r"buckets \[1\] of 2 have no file"):
+            combine_buckets(con, batch, plan)
 
 
 def test_a_batch_landed_before_patient_ids_gets_them_as_landing_gives_them(tmp_path, small_export):

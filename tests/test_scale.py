@@ -121,7 +121,7 @@ def _run_graph(home: Path, export: Path, job: str) -> subprocess.CompletedProces
     dagster_home.mkdir(parents=True)
     shutil.copy(ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
     env = {**os.environ, "CLINICAL_HOME": str(home), "DAGSTER_HOME": str(dagster_home), "CLINICAL_DEMO_MODE": "1",
-           "DEID_AGE_REFERENCE_DATE": "2026-01-01", "DASK_LOCAL_WORKERS": "2"}
+           "DEID_AGE_REFERENCE_DATE": "2026-01-01", "DASK_LOCAL_WORKERS": "2", "CLINICAL_PATIENT_BUCKETS": "3"}
     env.pop("CLINICAL_WAREHOUSE", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     batch = subprocess.run([sys.executable, "-m", "clinical_assets.batches", "add", "--label", "scale",
@@ -132,23 +132,27 @@ def _run_graph(home: Path, export: Path, job: str) -> subprocess.CompletedProces
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def _step_events(home: Path) -> tuple[dict[str, str], set[int], int]:
-    """From the run's event log: step -> outcome, the pids that ran steps, and the run's own pid."""
+def _step_events(home: Path) -> tuple[dict[str, str], set[int], int, dict[str, tuple[float, float, int]]]:
+    """From the run's event log: step -> outcome, the pids that ran steps, the run's own pid, and
+    step -> (start, end, pid)."""
     from dagster import DagsterEventType, DagsterInstance
 
     with DagsterInstance.from_config(str(home / "dagster")) as instance:
         run_id = instance.get_run_records(limit=1)[0].dagster_run.run_id
-        outcomes, step_pids, run_pid = {}, set(), None
+        outcomes, step_pids, run_pid, starts, spans = {}, set(), None, {}, {}
         for entry in instance.all_logs(run_id):
             event = entry.dagster_event
             if event is None:
                 continue
             if event.event_type == DagsterEventType.RUN_START:
                 run_pid = event.pid
+            elif event.event_type == DagsterEventType.STEP_START:
+                starts[event.step_key] = entry.timestamp
             elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
                 outcomes[event.step_key] = event.event_type.value
                 step_pids.add(event.pid)
-    return outcomes, step_pids, run_pid
+                spans[event.step_key] = (starts.get(event.step_key, entry.timestamp), entry.timestamp, event.pid)
+    return outcomes, step_pids, run_pid, spans
 
 
 @pytest.mark.slow
@@ -157,15 +161,20 @@ def test_the_graph_on_a_two_worker_dask_cluster_gives_the_single_process_tables(
     single = _run_graph(tmp_path / "single", export, "clinical_pipeline")
     dask = _run_graph(tmp_path / "dask", export, "clinical_pipeline_dask")
     runs = {name: _step_events(tmp_path / name) for name in ("single", "dask")}
-    for name, (outcomes, _, _) in runs.items():
+    for name, (outcomes, _, _, _) in runs.items():
         # 1,000 patients may not pass every promotion gate; every other step must succeed
         failed = {step for step, outcome in outcomes.items() if outcome != "STEP_SUCCESS"}
         assert failed <= {"model_promotion"}, (name, outcomes, (single if name == "single" else dask).stderr[-3000:])
-        assert len(outcomes) == 13, (name, sorted(outcomes))
-    # the steps ran in the cluster's worker processes (two of them; Dask decides which takes which
-    # step), not in the run's own
-    _, workers, run_pid = runs["dask"]
-    assert 1 <= len(workers) <= 2 and run_pid not in workers, (workers, run_pid)
+        # 12 asset and check steps, de-identification as a plan, 3 patient buckets and a combine
+        assert len(outcomes) == 12 + 1 + 3 + 1, (name, sorted(outcomes))
+    # the steps ran in the cluster's worker processes, not in the run's own, and the patient
+    # buckets of the one batch on both workers (Dask had them all at once). They need not
+    # overlap in time here: a worker's first step spends seconds importing the code location,
+    # longer than a bucket of 1,000 patients takes.
+    _, workers, run_pid, spans = runs["dask"]
+    assert len(workers) == 2 and run_pid not in workers, (workers, run_pid)
+    buckets = [span for step, span in spans.items() if ".deidentify_patient_bucket_" in step]
+    assert len(buckets) == 3 and len({pid for _, _, pid in buckets}) == 2, spans
     assert runs["single"][1] == {runs["single"][2]}
 
     def fingerprints(home: Path) -> dict:

@@ -18,7 +18,8 @@ Per size, in this order and in the same run:
 tables (``raw_fhir`` + ``deidentified_fhir``): 1.0 would be as fast as the bare scan.
 The last line is for the largest size run:
 ``patients=... peak_rss_mb=... wall_s=... ratio_vs_duckdb_scan=...``.
-Figures go to standard output and to ``benchmarks/results/scale.txt`` (``--no-save`` to skip).
+Figures go to standard output and to ``benchmarks/results/scale.txt`` (``--no-save`` to skip;
+``--job clinical_pipeline_dask`` runs the graph on a local Dask cluster and saves ``scale-<job>.txt``).
 """
 
 from __future__ import annotations
@@ -115,39 +116,46 @@ def bare_scan(export: Path, work: Path, env: dict) -> tuple[int, float, float]:
     return int(rows), float(seconds), peak_mb
 
 
-# Parts of a step that the step reports in its materialization metadata: (step, metadata key, row label)
-STEP_PARTS = (("deidentified_fhir", "deidentification_seconds", "deidentified_fhir: de-identification"),
-              ("deidentified_fhir", "leak_check_seconds", "deidentified_fhir: leak check"))
+# Parts of an asset's time that it reports in its materialization metadata: (asset, metadata key, row label).
+# deidentified_fhir's buckets may run at once: their parts are sums, the asset's own row is wall time.
+STEP_PARTS = (("deidentified_fhir", "deidentification_seconds", "deidentified_fhir: de-identification (buckets' sum)"),
+              ("deidentified_fhir", "leak_check_seconds", "deidentified_fhir: leak check (buckets' sum)"),
+              ("deidentified_fhir", "combine_seconds", "deidentified_fhir: combine"))
 
 
 def step_seconds(dagster_home: Path) -> tuple[dict[str, float], list[str]]:
-    """Wall time of each step of the newest run, from its event log (and the STEP_PARTS the
-    steps reported), and the failed steps."""
+    """Wall time of each asset's steps in the newest run, from its event log: a graph-backed
+    asset's (``asset.op`` steps) from its first step's start to its last step's end. Also the
+    STEP_PARTS the assets reported, and the failed steps."""
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     from dagster import DagsterEventType, DagsterInstance
 
     with DagsterInstance.get() as instance:
         run = instance.get_run_records(limit=1)[0].dagster_run
-        starts, seconds, failed = {}, {}, []
+        spans, seconds, failed = {}, {}, []
         for entry in instance.all_logs(run.run_id):
             event = entry.dagster_event
             if event is None or not event.step_key:
                 continue
+            asset = event.step_key.split(".")[0]
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-                metadata = event.event_specific_data.materialization.metadata
-                for step, key, label in STEP_PARTS:
-                    if event.step_key == step and key in metadata:
-                        seconds[label] = float(metadata[key].value)
+                materialization = event.event_specific_data.materialization
+                for of, key, label in STEP_PARTS:
+                    if materialization.asset_key.to_user_string() == of and key in materialization.metadata:
+                        seconds[label] = float(materialization.metadata[key].value)
             elif event.event_type == DagsterEventType.STEP_START:
-                starts[event.step_key] = entry.timestamp
+                start, end = spans.get(asset, (entry.timestamp, entry.timestamp))
+                spans[asset] = (min(start, entry.timestamp), end)
             elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
-                seconds[event.step_key] = entry.timestamp - starts.get(event.step_key, entry.timestamp)
+                start, end = spans.get(asset, (entry.timestamp, entry.timestamp))
+                spans[asset] = (start, max(end, entry.timestamp))
                 if event.event_type == DagsterEventType.STEP_FAILURE:
                     failed.append(event.step_key)
+        seconds.update({asset: end - start for asset, (start, end) in spans.items()})
         return seconds, failed
 
 
-def run_graph(export: Path, work: Path, env: dict) -> dict:
+def run_graph(export: Path, work: Path, env: dict, job: str = "clinical_pipeline") -> dict:
     home = work / "home"
     shutil.rmtree(home, ignore_errors=True)
     dagster_home = home / "dagster"
@@ -161,7 +169,7 @@ def run_graph(export: Path, work: Path, env: dict) -> dict:
         raise SystemExit(f"registering the batch failed:\n{added.stderr[-2000:]}")
     batch = added.stdout.strip().splitlines()[-1]
     cmd = [str(BIN / "dagster"), "job", "execute", "-m", "clinical_assets.definitions", "-a", "defs",
-           "-j", "clinical_pipeline", "--tags", json.dumps({"dagster/partition": batch})]
+           "-j", job, "--tags", json.dumps({"dagster/partition": batch})]
     log = work / "graph.log"
     wall, peak_mb, code = run_measured(cmd, env, log)
     steps, failed = step_seconds(dagster_home)
@@ -179,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-largest", action="store_true", help="leave out the largest size (quick runs)")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".data" / "bench-scale")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--job", default="clinical_pipeline",
+                        help="clinical_pipeline (one process) or clinical_pipeline_dask (DASK_LOCAL_WORKERS workers)")
     args = parser.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if args.skip_largest and len(sizes) > 1:
@@ -187,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "CLINICAL_DEMO_MODE": "1", "PYTHONUNBUFFERED": "1"}
     env.setdefault("CLINICAL_DUCKDB_THREADS", "2")
     env.setdefault("CLINICAL_DUCKDB_MEMORY_LIMIT", "2GB")
-    lines = [f"# benchmarks/scale.py  duckdb threads={env['CLINICAL_DUCKDB_THREADS']} "
+    lines = [f"# benchmarks/scale.py  job={args.job}  patient buckets={env.get('CLINICAL_PATIENT_BUCKETS', '4')}  "
+             f"duckdb threads={env['CLINICAL_DUCKDB_THREADS']} "
              f"memory_limit={env['CLINICAL_DUCKDB_MEMORY_LIMIT']}  cpus={os.cpu_count()}  "
              f"ram_gb={psutil.virtual_memory().total / 2**30:.0f}"]
     print(lines[0], flush=True)
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, scan_s, scan_rss = bare_scan(export, work, env)
         print(f"[n={n}] bare DuckDB scan: {rows:,} resources, {size_mb:,.0f} MB NDJSON in {scan_s:.1f} s "
               f"(peak {scan_rss:,.0f} MB)", flush=True)
-        graph = run_graph(export, work, env)
+        graph = run_graph(export, work, env, args.job)
         steps = graph["steps"]
         ingest_s = steps.get("raw_fhir", 0) + steps.get("deidentified_fhir", 0)
         results[n] = {"resources": rows, "ndjson_mb": size_mb, "scan_s": scan_s, **graph,
@@ -240,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(table + [final]), flush=True)
     if not args.no_save:
         (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-        (ROOT / "benchmarks" / "results" / "scale.txt").write_text("\n".join(lines) + "\n")
+        name = "scale.txt" if args.job == "clinical_pipeline" else f"scale-{args.job}.txt"
+        (ROOT / "benchmarks" / "results" / name).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,16 @@ def bucket_sql(patient_id: str, buckets: int) -> str:
 
 
 def bucket_path(batch_path: Path, bucket: int, buckets: int) -> Path:
-    """The bucket's own DuckDB file, in a folder beside the batch file."""
+    """The bucket's own DuckDB file, in a folder beside the batch file; a batch of one bucket is
+    de-identified in the batch file itself (nothing to combine, nothing to copy)."""
     batch_path = Path(batch_path)
-    return batch_path.parent / f"{batch_path.stem}.buckets" / f"{bucket + 1:02d}-of-{buckets:02d}.duckdb"
+    if buckets == 1:
+        return batch_path
+    return _bucket_folder(batch_path) / f"{bucket + 1:02d}-of-{buckets:02d}.duckdb"
+
+
+def _bucket_folder(batch_path: Path) -> Path:
+    return batch_path.parent / f"{batch_path.stem}.buckets"
 
 
 def plan_buckets(con: duckdb.DuckDBPyConnection, buckets: int, reference_date: date | None,
@@ -96,8 +103,8 @@ def plan_buckets(con: duckdb.DuckDBPyConnection, buckets: int, reference_date: d
 
 def remove_stale_buckets(batch_path: Path, plan: BucketPlan) -> list[Path]:
     """Bucket files of an earlier bucket count (they would never be read again)."""
-    folder = bucket_path(batch_path, 0, plan.buckets).parent
-    keep = {bucket_path(batch_path, b, plan.buckets).name for b in range(plan.buckets)}
+    folder = _bucket_folder(Path(batch_path))
+    keep = {bucket_path(batch_path, b, plan.buckets).name for b in range(plan.buckets)} if plan.buckets > 1 else set()
     stale = [p for p in folder.glob("*.duckdb") if p.name not in keep] if folder.is_dir() else []
     for path in stale:
         path.unlink()
@@ -107,22 +114,26 @@ def remove_stale_buckets(batch_path: Path, plan: BucketPlan) -> list[Path]:
 def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: bytes, settings: DuckDBSettings,
                       max_shift_days: int = 365, date_mode: DateMode = "shift") -> BucketOutcome:
     """De-identify and leak-check the patients of one bucket into its own file (schema ``deid``).
-    Reads the batch file read-only, so the buckets of a batch can run at the same time."""
+    Reads the batch file read-only, so the buckets of a batch can run at the same time. The one
+    bucket of a batch not split is the batch file, read and written as it is."""
     if not 0 <= bucket < plan.buckets:
         raise ValueError(f"bucket {bucket} is not one of {plan.buckets}")
     path = bucket_path(batch_path, bucket, plan.buckets)
+    split = plan.buckets > 1
     path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as locks, open_database(str(path), settings) as con:
-        attach_read_only(con, batch_path, "batch", locks)
-        try:
-            _bucket_views(con, bucket, plan.buckets)
-        except duckdb.Error as error:
-            raise DeidentificationError(f"bucket views failed: {safe_error_message(error)}") from None
+        if split:
+            attach_read_only(con, batch_path, "batch", locks)
+            try:
+                _bucket_views(con, bucket, plan.buckets)
+            except duckdb.Error as error:
+                raise DeidentificationError(f"bucket views failed: {safe_error_message(error)}") from None
         started = time.perf_counter()
         report = deidentify(con, key, max_shift_days=max_shift_days, date_mode=date_mode,
                             reference_date=plan.reference_date)
         deidentified = time.perf_counter()
-        findings = find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], key, raw_schema="batch_identities")
+        findings = find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], key,
+                                         raw_schema="batch_identities" if split else "raw")
         checked = time.perf_counter()
         outcome = BucketOutcome(bucket=bucket, report=report, findings=findings,
                                 deidentification_seconds=round(deidentified - started, 2),
@@ -135,13 +146,15 @@ def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: byte
     return outcome
 
 
-def read_bucket_outcome(con: duckdb.DuckDBPyConnection, alias: str, bucket: int, plan: BucketPlan) -> BucketOutcome:
-    """The outcome stored in the bucket file attached as ``alias``, refused when it was made
-    under another plan (a stale file of an earlier run)."""
-    row = con.execute(f"SELECT buckets, reference_date, outcome FROM {quote_ident(alias)}.main.bucket_outcome"
-                      ).fetchone() if con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = 'bucket_outcome'", [alias]
-    ).fetchone()[0] else None
+def read_bucket_outcome(con: duckdb.DuckDBPyConnection, alias: str | None, bucket: int,
+                        plan: BucketPlan) -> BucketOutcome:
+    """The outcome stored in the bucket file attached as ``alias`` (None: ``con``'s own file),
+    refused when it was made under another plan (a stale file of an earlier run)."""
+    stored = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = coalesce(?, current_database()) "
+                         "AND schema_name = 'main' AND table_name = 'bucket_outcome'", [alias]).fetchone()[0]
+    catalog = f"{quote_ident(alias)}." if alias else ""
+    row = con.execute(f"SELECT buckets, reference_date, outcome FROM {catalog}main.bucket_outcome").fetchone() \
+        if stored else None
     if row is None or (row[0], row[1]) != (plan.buckets, plan.reference_date):
         raise DeidentificationError(f"patient bucket {bucket + 1} of {plan.buckets} was not made under this run's plan: "
                                     "materialize deidentified_fhir again")
@@ -179,44 +192,46 @@ def _bucket_views(con: duckdb.DuckDBPyConnection, bucket: int, buckets: int) -> 
 def combine_buckets(con: duckdb.DuckDBPyConnection, batch_path: Path, plan: BucketPlan) -> CombinedDeid:
     """Copy the buckets' ``deid`` tables into the batch file (``con``, writable) in one
     transaction, after checking that every bucket was made under ``plan`` and that every landed
-    patient is in exactly one bucket."""
-    aliases = [f"bucket_{b}" for b in range(plan.buckets)]
+    patient is in exactly one bucket. A batch of one bucket has its tables in place already."""
+    split = plan.buckets > 1
+    aliases = [f"bucket_{b}" for b in range(plan.buckets)] if split else [None]
+    prefixes = [f"{a}." if a else "" for a in aliases]  # the catalog of each bucket's tables in SQL
     missing = [b + 1 for b in range(plan.buckets) if not bucket_path(batch_path, b, plan.buckets).exists()]
     if missing:
         raise DeidentificationError(f"patient buckets {missing} of {plan.buckets} have no file: materialize "
                                     "deidentified_fhir again")
     with ExitStack() as locks:
-        for b, alias in enumerate(aliases):
-            attach_read_only(con, bucket_path(batch_path, b, plan.buckets), alias, locks)
+        if split:
+            for b, alias in enumerate(aliases):
+                attach_read_only(con, bucket_path(batch_path, b, plan.buckets), alias, locks)
         try:
             outcomes = [read_bucket_outcome(con, alias, b, plan) for b, alias in enumerate(aliases)]
-            patients, keys = con.execute(
-                "SELECT count(*), count(DISTINCT patient_key) FROM (" + " UNION ALL ".join(
-                    f"SELECT patient_key FROM {a}.deid.patient" for a in aliases) + ")").fetchone()
-            landed = con.execute("SELECT count(*) FROM raw.patient").fetchone()[0]
+            rows_by_bucket = {f"{b + 1:02d}": con.execute(f"SELECT count(*) FROM {p}deid.patient").fetchone()[0]
+                              for b, p in enumerate(prefixes)}
+            keys = con.execute("SELECT count(DISTINCT patient_key) FROM (" + " UNION ALL ".join(
+                f"SELECT patient_key FROM {p}deid.patient" for p in prefixes) + ")").fetchone()[0]
+            landed, patients = con.execute("SELECT count(*) FROM raw.patient").fetchone()[0], sum(rows_by_bucket.values())
             if not patients == keys == landed:
                 raise DeidentificationError(
                     f"patient buckets do not reconcile: {landed} landed patients, {patients} de-identified rows, "
                     f"{keys} distinct keys (were the buckets made by different versions of the code?)")
-            rows_by_bucket = {}
-            with transaction(con):
-                con.execute("CREATE SCHEMA IF NOT EXISTS deid")
-                for table in DEID_TABLES:
-                    con.execute(f"CREATE OR REPLACE TABLE deid.{quote_ident(table)} AS " + " UNION ALL ".join(
-                        f"SELECT * FROM {a}.deid.{quote_ident(table)}" for a in aliases))
-                con.execute("CREATE OR REPLACE TABLE deid.removal_counts AS SELECT category, sum(removed)::BIGINT "
-                            "AS removed FROM (" + " UNION ALL ".join(
-                                f"SELECT category, removed FROM {a}.deid.removal_counts" for a in aliases)
-                            + ") GROUP BY category ORDER BY category")
-                con.execute(f"CREATE OR REPLACE TABLE deid.settings AS SELECT * FROM {aliases[0]}.deid.settings")
-                for b, alias in enumerate(aliases):
-                    rows_by_bucket[f"{b + 1:02d}"] = con.execute(
-                        f"SELECT count(*) FROM {alias}.deid.patient").fetchone()[0]
+            if split:
+                with transaction(con):
+                    con.execute("CREATE SCHEMA IF NOT EXISTS deid")
+                    for table in DEID_TABLES:
+                        con.execute(f"CREATE OR REPLACE TABLE deid.{quote_ident(table)} AS " + " UNION ALL ".join(
+                            f"SELECT * FROM {p}deid.{quote_ident(table)}" for p in prefixes))
+                    con.execute("CREATE OR REPLACE TABLE deid.removal_counts AS SELECT category, sum(removed)::BIGINT "
+                                "AS removed FROM (" + " UNION ALL ".join(
+                                    f"SELECT category, removed FROM {p}deid.removal_counts" for p in prefixes)
+                                + ") GROUP BY category ORDER BY category")
+                    con.execute(f"CREATE OR REPLACE TABLE deid.settings AS SELECT * FROM {prefixes[0]}deid.settings")
         except duckdb.Error as error:
             raise DeidentificationError(f"combining the buckets failed: {safe_error_message(error)}") from None
         finally:
             for alias in aliases:
-                con.execute(f"DETACH DATABASE IF EXISTS {alias}")
+                if alias:
+                    con.execute(f"DETACH DATABASE IF EXISTS {alias}")
     return CombinedDeid(report=_sum_reports([o.report for o in outcomes]), findings=_sum_findings(outcomes),
                         outcomes=outcomes, rows_by_bucket=rows_by_bucket)
 

@@ -9,7 +9,8 @@ import pytest
 from clinical_ml import deid_buckets
 from clinical_ml.db import DuckDBSettings, open_database, table_fingerprints
 from clinical_ml.deid import DeidentificationError, deidentify
-from clinical_ml.deid_buckets import bucket_path, combine_buckets, deidentify_bucket, plan_buckets
+from clinical_ml.deid_buckets import (bucket_path, combine_buckets, deidentify_bucket, plan_buckets,
+                                      remove_stale_buckets)
 from clinical_ml.ingest import add_patient_ids, land_ndjson
 from tests.conftest import TEST_KEY, read_resources, shared_sample
 
@@ -39,12 +40,14 @@ def _one_pass(batch, settings):
         return report, table_fingerprints(con, ["deid"])
 
 
-@pytest.mark.parametrize("source", ["generated", "synthea-bulk-10p", "synthea-stu3-1461p"])
-def test_buckets_combined_equal_one_pass_tables_and_counts(tmp_path, small_export, source):
-    """The stu3 sample names its drugs by reference to Medication resources, which every bucket reads whole."""
+@pytest.mark.parametrize("source,buckets", [("generated", 3), ("generated", 1), ("synthea-bulk-10p", 3),
+                                            ("synthea-stu3-1461p", 3)])
+def test_buckets_combined_equal_one_pass_tables_and_counts(tmp_path, small_export, source, buckets):
+    """The stu3 sample names its drugs by reference to Medication resources, which every bucket
+    reads whole. One bucket is the batch file itself."""
     export = small_export if source == "generated" else shared_sample(source)
     batch, settings = _landed(tmp_path, export)
-    plan, outcomes, combined, bucketed = _bucketed(batch, settings, buckets=3)
+    plan, outcomes, combined, bucketed = _bucketed(batch, settings, buckets=buckets)
     report, whole = _one_pass(batch, settings)
     assert bucketed == whole
     assert combined.report.removed_by_category == report.removed_by_category
@@ -53,7 +56,8 @@ def test_buckets_combined_equal_one_pass_tables_and_counts(tmp_path, small_expor
     assert combined.findings == []
     assert sum(combined.rows_by_bucket.values()) == plan.patients
     assert all(n > 0 for n in combined.rows_by_bucket.values())  # the hash spreads patients
-    assert all(bucket_path(batch, b, 3).exists() for b in range(3))
+    assert {bucket_path(batch, b, buckets) for b in range(buckets)} == (
+        {batch} if buckets == 1 else set((tmp_path / "b0001-test.buckets").glob("*.duckdb")))
     assert combined.outcomes == outcomes  # read back from the bucket files as the buckets made them
 
 
@@ -95,6 +99,18 @@ def test_buckets_that_do_not_reconcile_are_refused_and_leave_the_tables_as_they_
     with open_database(str(batch), settings) as con:
         with pytest.raises(DeidentificationError, match=r"buckets \[1\] of 2 have no file"):
             combine_buckets(con, batch, plan)
+
+
+def test_a_new_bucket_count_removes_the_files_of_the_old_one(tmp_path, small_export):
+    batch, settings = _landed(tmp_path, small_export)
+    _bucketed(batch, settings, buckets=3)
+    assert len(list((tmp_path / "b0001-test.buckets").glob("*.duckdb"))) == 3
+    with open_database(str(batch), settings) as con:
+        plan = plan_buckets(con, 2, REFERENCE, synthetic_only=False)
+    assert len(remove_stale_buckets(batch, plan)) == 3
+    with open_database(str(batch), settings) as con:
+        plan = plan_buckets(con, 1, REFERENCE, synthetic_only=False)
+    assert remove_stale_buckets(batch, plan) == [] and batch.exists()
 
 
 def test_a_batch_landed_before_patient_ids_gets_them_as_landing_gives_them(tmp_path, small_export):

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clinical_ml.synthetic import CohortSpec, write_bulk_export  # noqa: E402
+from resources.settings import patient_buckets  # noqa: E402
 
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "CLINICAL_DEMO_MODE": "1", "PYTHONUNBUFFERED": "1"}
     env.setdefault("CLINICAL_DUCKDB_THREADS", "2")
     env.setdefault("CLINICAL_DUCKDB_MEMORY_LIMIT", "2GB")
-    lines = [f"# benchmarks/scale.py  job={args.job}  patient buckets={env.get('CLINICAL_PATIENT_BUCKETS', '4')}  "
+    lines = [f"# benchmarks/scale.py  job={args.job}  patient buckets={patient_buckets()}  "
              f"duckdb threads={env['CLINICAL_DUCKDB_THREADS']} "
              f"memory_limit={env['CLINICAL_DUCKDB_MEMORY_LIMIT']}  cpus={os.cpu_count()}  "
              f"ram_gb={psutil.virtual_memory().total / 2**30:.0f}"]

@@ -269,7 +269,9 @@ def quote_path(path) -> str:
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+    """Whether ``schema.table`` names a table or a view (something to read)."""
+    return con.execute("SELECT count(*) FROM (SELECT schema_name, table_name FROM duckdb_tables() UNION ALL "
+                       "SELECT schema_name, view_name FROM duckdb_views()) WHERE schema_name = ? AND table_name = ?",
                        [schema, table]).fetchone()[0] > 0
 
 

@@ -507,6 +507,7 @@ def deidentify(
     key: bytes,
     raw_schema: str = "raw",
     out_schema: str = "deid",
+    lookup_schema: str | None = None,
     max_shift_days: int = 365,
     date_mode: DateMode = "shift",
     reference_date: date | None = None,
@@ -517,7 +518,9 @@ def deidentify(
     ``reference_date`` is the date at which ages over 89 are grouped (default: today or the end
     of the record, whichever is later); pin it to make a re-run on another day identical.
     ``synthetic_only`` refuses to run if any patient is not from the built-in generator (set it
-    when the key is the published demo key)."""
+    when the key is the published demo key). ``lookup_schema`` (default ``raw_schema``) holds the
+    tables that references point into, read whole (encounter ids, Medication resources) when
+    ``raw_schema`` holds only some of the batch's patients."""
     if not key:
         raise MissingSecretKey("de-identification key is empty")
     register_functions(con, key, max_shift_days, date_mode)
@@ -528,7 +531,7 @@ def deidentify(
             "did not come from the generator. Set DEID_SECRET_KEY to a long random secret.")
     reference_date = reference_date or age_reference_date(con, r)
     try:
-        return _deidentify(con, r, out_schema, reference_date, date_mode)
+        return _deidentify(con, r, out_schema, reference_date, date_mode, lookup_schema or r)
     except duckdb.Error as error:
         # DuckDB quotes offending values in its messages; they may be PHI. Keep only the shape.
         raise DeidentificationError(f"de-identification failed: {safe_error_message(error)}") from None
@@ -541,7 +544,7 @@ def deidentify(
 
 
 def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, reference_date: date,
-                date_mode: DateMode = "shift") -> DeidReport:
+                date_mode: DateMode = "shift", lookup: str = "raw") -> DeidReport:
     # Patient-level working table: a TEMP table (PHI is written to no persistent table outside `raw`;
     # only the note scrubber's scratch file, removed when it is done, holds note texts besides).
     con.execute(
@@ -587,10 +590,11 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
         FROM base
         """
     )
-    # Encounter pseudonyms once per encounter (not once per referencing row).
+    # Encounter pseudonyms once per encounter (not once per referencing row), of every encounter
+    # a resource may point to (another patient's too: the lookup schema).
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE deid_encounter_keys AS
-            SELECT id AS encounter_id, pseudonym('Encounter', id) AS encounter_key FROM {r}.encounter"""
+            SELECT id AS encounter_id, pseudonym('Encounter', id) AS encounter_key FROM {lookup}.encounter"""
     )
     # Documents, each parsed once (it carries its whole text): the fields of deid.document_reference
     # and the note to scrub. `context.encounter` is a list in R4, one Reference in STU3.
@@ -626,8 +630,8 @@ def _deidentify(con: duckdb.DuckDBPyConnection, r: str, out_schema: str, referen
                 "ids.birth_date])) AS value FROM deid_patient_src", "deid_notes_scrubbed")
 
     # Codes of the landed Medication resources (empty when the export has none).
-    medication_source = (f"SELECT id AS medication_id, best_coding(resource->'code'->'coding') AS coding FROM {r}.medication"
-                         if table_exists(con, r, "medication") else
+    medication_source = (f"SELECT id AS medication_id, best_coding(resource->'code'->'coding') AS coding "
+                         f"FROM {lookup}.medication" if table_exists(con, lookup, "medication") else
                          "SELECT NULL::VARCHAR AS medication_id, NULL::STRUCT(system VARCHAR, code VARCHAR) AS coding LIMIT 0")
     con.execute(f"CREATE OR REPLACE TEMP TABLE deid_medication_codes AS {medication_source}")
     restricted = ", ".join(f"'{z}'" for z in RESTRICTED_ZIP3)
@@ -946,7 +950,8 @@ def _check_key_reproduces_patient_keys(con: duckdb.DuckDBPyConnection, tables: l
     were made with, nothing would match and the scoped checks would pass silently. Refuse."""
     for table in tables:
         schema, name = table.split(".")
-        has_key = con.execute("SELECT count(*) FROM duckdb_columns() WHERE schema_name = ? AND table_name = ? "
+        has_key = con.execute("SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+                              "AND schema_name = ? AND table_name = ? "
                               "AND column_name = 'patient_key'", [schema, name]).fetchone()[0]
         if not has_key:
             continue
@@ -998,7 +1003,9 @@ def find_identifier_leaks(con: duckdb.DuckDBPyConnection, tables: list[str], key
             schema, name = table.split(".")
             source = f"{quote_ident(schema)}.{quote_ident(name)}"
             columns = dict(con.execute(
-                "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND table_name = ?",
+                # this database's table only: an attached one may have a schema of the same name
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
+                "AND schema_name = ? AND table_name = ?",
                 [schema, name]).fetchall())
             owner = quote_ident("patient_key") if columns.get("patient_key") == "VARCHAR" else "NULL::VARCHAR"
             for column in [c for c, t in columns.items() if t == "VARCHAR"]:

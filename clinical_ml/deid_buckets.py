@@ -9,9 +9,9 @@ reads. What must be the same for every bucket (the age reference date, the demo-
 decided once per batch, by ``plan_buckets``.
 
 A resource belongs to the bucket of the patient it is about (``raw.*.patient_id``, set at
-landing): the joins of de-identification never cross patients, so the union of the buckets'
-tables is the de-identification of the whole batch. The one lookup table every bucket needs
-whole (``raw.medication``: a request may name a Medication resource) is read whole.
+landing), so the union of the buckets' tables is the de-identification of the whole batch. What
+a resource may point to outside its patient (an encounter id, a Medication resource) and the
+identities the leak check looks for are read whole (WHOLE_BATCH_TABLES).
 """
 
 from __future__ import annotations
@@ -19,32 +19,37 @@ from __future__ import annotations
 from contextlib import ExitStack
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
 import duckdb
 
-from clinical_ml.db import DuckDBSettings, attach_read_only, open_database, quote_ident, quote_path, transaction
+from clinical_ml.db import (DuckDBSettings, attach_read_only, database_lock, open_database, quote_ident, quote_path,
+                            transaction)
 from clinical_ml.deid import (DEID_TABLES, DateMode, DeidentificationError, DeidReport, MissingSecretKey,
                               age_reference_date, count_real_patients, deidentify, find_identifier_leaks,
                               register_macros, safe_error_message)
 from clinical_ml.ingest import add_patient_ids
 
-# Raw tables every bucket reads whole: lookups that a patient's resources point into.
-SHARED_LOOKUP_TABLES = ("medication",)
-# The identity tables the leak check reads whole: a patient's phone in another bucket's note is a leak.
-IDENTITY_TABLES = ("patient", "practitioner", "related_person")
+# Raw tables a bucket reads whole (schema batch_whole): what references point into (another
+# patient's encounter, a Medication), and the identities the leak check looks for (a patient's
+# phone in another bucket's note is a leak).
+WHOLE_BATCH_TABLES = ("encounter", "medication", "patient", "practitioner", "related_person")
 _SOURCE = "bucket_source"  # the in-memory catalog of a bucket step's views over the batch file
+_WHOLE = "batch_whole"
 
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """What every bucket of one batch shares (no PHI: it travels between steps)."""
+    """What every bucket of one batch shares (no PHI: it travels between steps). ``plan_id``
+    is new with every plan: the combine takes only bucket files made under it."""
 
     buckets: int
     reference_date: date
     patients: int
+    plan_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass
@@ -102,10 +107,12 @@ def plan_buckets(con: duckdb.DuckDBPyConnection, buckets: int, reference_date: d
 
 
 def remove_stale_buckets(batch_path: Path, plan: BucketPlan) -> list[Path]:
-    """Bucket files of an earlier bucket count (they would never be read again)."""
+    """Bucket files of an earlier bucket count, with their WAL and lock files (they would never
+    be read again, and a WAL left behind would be replayed onto a new file of its name)."""
     folder = _bucket_folder(Path(batch_path))
     keep = {bucket_path(batch_path, b, plan.buckets).name for b in range(plan.buckets)} if plan.buckets > 1 else set()
-    stale = [p for p in folder.glob("*.duckdb") if p.name not in keep] if folder.is_dir() else []
+    stale = [p for p in folder.iterdir() if p.is_file() and ".duckdb" in p.name
+             and p.name[:p.name.index(".duckdb") + len(".duckdb")] not in keep] if folder.is_dir() else []
     for path in stale:
         path.unlink()
     return stale
@@ -121,7 +128,12 @@ def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: byte
     path = bucket_path(batch_path, bucket, plan.buckets)
     split = plan.buckets > 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as locks, open_database(str(path), settings) as con:
+    with ExitStack() as locks:
+        if split:  # the batch file before the bucket's: the combine takes them in this order too
+            locks.enter_context(database_lock(batch_path, shared=True))
+        con = locks.enter_context(open_database(str(path), settings))
+        # an earlier run's outcome must not outlive a failure of this one
+        con.execute("DROP TABLE IF EXISTS main.bucket_outcome")
         if split:
             attach_read_only(con, batch_path, "batch", locks)
             try:
@@ -130,18 +142,18 @@ def deidentify_bucket(batch_path: Path, bucket: int, plan: BucketPlan, key: byte
                 raise DeidentificationError(f"bucket views failed: {safe_error_message(error)}") from None
         started = time.perf_counter()
         report = deidentify(con, key, max_shift_days=max_shift_days, date_mode=date_mode,
-                            reference_date=plan.reference_date)
+                            reference_date=plan.reference_date, lookup_schema=_WHOLE if split else None)
         deidentified = time.perf_counter()
         findings = find_identifier_leaks(con, [f"deid.{t}" for t in DEID_TABLES], key,
-                                         raw_schema="batch_identities" if split else "raw")
+                                         raw_schema=_WHOLE if split else "raw")
         checked = time.perf_counter()
         outcome = BucketOutcome(bucket=bucket, report=report, findings=findings,
                                 deidentification_seconds=round(deidentified - started, 2),
                                 leak_check_seconds=round(checked - deidentified, 2))
         # the outcome is kept with the bucket's tables: the combine reads it from there, whatever
         # machine made the bucket (an executor need not pass step outputs between steps)
-        con.execute("CREATE OR REPLACE TABLE main.bucket_outcome AS SELECT ? AS buckets, ? AS reference_date, "
-                    "?::JSON AS outcome", [plan.buckets, plan.reference_date, json.dumps(asdict(outcome))])
+        con.execute("CREATE OR REPLACE TABLE main.bucket_outcome AS SELECT ? AS plan_id, ? AS buckets, "
+                    "?::JSON AS outcome", [plan.plan_id, plan.buckets, json.dumps(asdict(outcome))])
         con.execute("DETACH DATABASE IF EXISTS batch")
     return outcome
 
@@ -153,9 +165,9 @@ def read_bucket_outcome(con: duckdb.DuckDBPyConnection, alias: str | None, bucke
     stored = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = coalesce(?, current_database()) "
                          "AND schema_name = 'main' AND table_name = 'bucket_outcome'", [alias]).fetchone()[0]
     catalog = f"{quote_ident(alias)}." if alias else ""
-    row = con.execute(f"SELECT buckets, reference_date, outcome FROM {catalog}main.bucket_outcome").fetchone() \
+    row = con.execute(f"SELECT plan_id, buckets, outcome FROM {catalog}main.bucket_outcome").fetchone() \
         if stored else None
-    if row is None or (row[0], row[1]) != (plan.buckets, plan.reference_date):
+    if row is None or (row[0], row[1]) != (plan.plan_id, plan.buckets):
         raise DeidentificationError(f"patient bucket {bucket + 1} of {plan.buckets} was not made under this run's plan: "
                                     "materialize deidentified_fhir again")
     stored = json.loads(row[2])
@@ -166,27 +178,27 @@ def read_bucket_outcome(con: duckdb.DuckDBPyConnection, alias: str | None, bucke
 
 
 def _bucket_views(con: duckdb.DuckDBPyConnection, bucket: int, buckets: int) -> None:
-    """In an in-memory catalog: schema ``raw``, the bucket's rows of every raw resource table
-    (lookups whole), and schema ``batch_identities``, the identity tables whole. The catalog is
-    on the search path, so de-identification reads ``raw.observation`` as it does in a batch file."""
+    """In an in-memory catalog: schema ``raw``, the bucket's rows of every raw resource table,
+    and schema ``batch_whole``, the WHOLE_BATCH_TABLES whole. The catalog is on the search path,
+    so de-identification reads ``raw.observation`` as it does in a batch file."""
     con.execute(f"ATTACH ':memory:' AS {_SOURCE}")
     con.execute(f"CREATE SCHEMA {_SOURCE}.raw")
-    con.execute(f"CREATE SCHEMA {_SOURCE}.batch_identities")
+    con.execute(f"CREATE SCHEMA {_SOURCE}.{_WHOLE}")
     tables = con.execute(
         """SELECT table_name, bool_or(column_name = 'patient_id') FROM duckdb_columns()
            WHERE database_name = 'batch' AND schema_name = 'raw' GROUP BY ALL ORDER BY 1""").fetchall()
     for table, has_patient in tables:
         name = quote_ident(table)
-        if table in SHARED_LOOKUP_TABLES or not has_patient:  # bookkeeping tables have no patient
+        if not has_patient:  # bookkeeping tables (quarantine, landing files) have no patient
             where = ""
         else:
             where = f" WHERE {bucket_sql('patient_id', buckets)} = {int(bucket)}"
         con.execute(f"CREATE VIEW {_SOURCE}.raw.{name} AS SELECT * FROM batch.raw.{name}{where}")
-        if table in IDENTITY_TABLES:
-            con.execute(f"CREATE VIEW {_SOURCE}.batch_identities.{name} AS SELECT * FROM batch.raw.{name}")
+        if table in WHOLE_BATCH_TABLES:
+            con.execute(f"CREATE VIEW {_SOURCE}.{_WHOLE}.{name} AS SELECT * FROM batch.raw.{name}")
     database = con.execute("SELECT current_database()").fetchone()[0]
     # a schema-qualified name is looked up in the search path's entries of that schema name
-    con.execute(f"SET search_path = {quote_path(f'{database}.main,{_SOURCE}.raw,{_SOURCE}.batch_identities')}")
+    con.execute(f"SET search_path = {quote_path(f'{database}.main,{_SOURCE}.raw,{_SOURCE}.{_WHOLE}')}")
 
 
 def combine_buckets(con: duckdb.DuckDBPyConnection, batch_path: Path, plan: BucketPlan) -> CombinedDeid:

@@ -507,6 +507,8 @@ def land_ndjson(
             con.executemany(f"INSERT INTO {_stage(schema, 'quarantine')} VALUES (?, ?, ?, 'Bundle', ?, ?)",
                             [(report.landing_id, *b) for b in bad_deletions])
         _count_files(con, schema, types, report.landing_id, line_counts)
+        if mode == "merge":
+            add_patient_ids(con, schema)  # merged onto tables landed before the column existed
         with transaction(con):
             report.deleted = _commit_raw_tables(con, schema, types, mode, deleted)
             _commit_bookkeeping(con, schema, mode, report.landing_id, errors)

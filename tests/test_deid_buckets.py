@@ -91,9 +91,9 @@ def test_buckets_that_do_not_reconcile_are_refused_and_leave_the_tables_as_they_
     with open_database(str(batch), settings) as con:
         with pytest.raises(DeidentificationError, match="do not reconcile"):
             combine_buckets(con, batch, plan)
-        # a bucket file of an earlier plan (another reference date) is not combined with this one's
+        # bucket files of an earlier plan (an earlier run) are not combined with this one's
         with pytest.raises(DeidentificationError, match="bucket 1 of 2 was not made under this run's plan"):
-            combine_buckets(con, batch, replace(plan, reference_date=date(2025, 1, 1)))
+            combine_buckets(con, batch, replace(plan, plan_id="an-earlier-run"))
         assert table_fingerprints(con, ["deid"]) == before
     bucket_path(batch, 0, 2).unlink()
     with open_database(str(batch), settings) as con:
@@ -107,10 +107,48 @@ def test_a_new_bucket_count_removes_the_files_of_the_old_one(tmp_path, small_exp
     assert len(list((tmp_path / "b0001-test.buckets").glob("*.duckdb"))) == 3
     with open_database(str(batch), settings) as con:
         plan = plan_buckets(con, 2, REFERENCE, synthetic_only=False)
-    assert len(remove_stale_buckets(batch, plan)) == 3
+    removed = remove_stale_buckets(batch, plan)
+    assert sorted(p.name for p in removed if p.suffix == ".duckdb") == ["01-of-03.duckdb", "02-of-03.duckdb",
+                                                                         "03-of-03.duckdb"]
+    assert list((tmp_path / "b0001-test.buckets").iterdir()) == []  # their lock (and WAL) files too
     with open_database(str(batch), settings) as con:
         plan = plan_buckets(con, 1, REFERENCE, synthetic_only=False)
     assert remove_stale_buckets(batch, plan) == [] and batch.exists()
+
+
+def test_a_failed_bucket_leaves_no_outcome_so_its_old_one_is_never_combined(tmp_path, small_export, monkeypatch):
+    """A bucket that fails after writing its tables (in the leak check, say) must not leave the
+    previous run's outcome beside them: the combine would report that run's passing check."""
+    batch, settings = _landed(tmp_path, small_export)
+    plan, _, _, _ = _bucketed(batch, settings, buckets=2)
+
+    def failing(*args, **kwargs):
+        raise DeidentificationError("leak scan failed")
+
+    monkeypatch.setattr(deid_buckets, "find_identifier_leaks", failing)
+    with pytest.raises(DeidentificationError):
+        deidentify_bucket(batch, 1, plan, TEST_KEY, settings)  # the same plan: a retry of a step
+    with open_database(str(batch), settings) as con:
+        with pytest.raises(DeidentificationError, match="bucket 2 of 2 was not made under this run's plan"):
+            combine_buckets(con, batch, plan)
+
+
+def test_a_reference_to_another_patients_encounter_links_as_in_one_pass(tmp_path, small_export):
+    """Buckets read every encounter id of the batch: a resource that points to an encounter of a
+    patient in another bucket keeps its encounter key (one pass gives it one)."""
+    batch, settings = _landed(tmp_path, small_export)
+    with open_database(str(batch), settings) as con:
+        bucket_of = deid_buckets.bucket_sql("patient_id", 3)
+        observation, own, other = con.execute(f"""
+            SELECT o.id, o.resource->'encounter'->>'reference', 'Encounter/' || e.id
+            FROM raw.observation o JOIN raw.encounter e ON {bucket_of.replace('patient_id', 'e.patient_id')}
+                                                        <> {bucket_of.replace('patient_id', 'o.patient_id')}
+            WHERE (o.resource->'encounter') IS NOT NULL LIMIT 1""").fetchone()
+        con.execute("UPDATE raw.observation SET resource = replace(resource::VARCHAR, ?, ?)::JSON WHERE id = ?",
+                    [f'"{own}"', f'"{other}"', observation])
+    _, _, _, bucketed = _bucketed(batch, settings, buckets=3)
+    _, whole = _one_pass(batch, settings)
+    assert bucketed == whole
 
 
 def test_a_batch_landed_before_patient_ids_gets_them_as_landing_gives_them(tmp_path, small_export):

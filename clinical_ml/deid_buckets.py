@@ -16,16 +16,17 @@ identities the leak check looks for are read whole (WHOLE_BATCH_TABLES).
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 import json
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
 import duckdb
 
+from clinical_ml.batches import IDENTITY_TABLES
 from clinical_ml.db import (DuckDBSettings, attach_read_only, database_lock, open_database, quote_ident, quote_path,
                             transaction)
 from clinical_ml.deid import (DEID_TABLES, DateMode, DeidentificationError, DeidReport, MissingSecretKey,
@@ -36,7 +37,7 @@ from clinical_ml.ingest import add_patient_ids
 # Raw tables a bucket reads whole (schema batch_whole): what references point into (another
 # patient's encounter, a Medication), and the identities the leak check looks for (a patient's
 # phone in another bucket's note is a leak).
-WHOLE_BATCH_TABLES = ("encounter", "medication", "patient", "practitioner", "related_person")
+WHOLE_BATCH_TABLES = ("encounter", "medication", *IDENTITY_TABLES)
 _SOURCE = "bucket_source"  # the in-memory catalog of a bucket step's views over the batch file
 _WHOLE = "batch_whole"
 

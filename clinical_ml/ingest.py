@@ -98,7 +98,8 @@ def resource_files(ndjson_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]
     return found, skipped
 
 
-_KEYS = "['$.resourceType', '$.id', '$.subject.reference']"
+_SUBJECT_REFERENCE = "$.subject.reference"
+_KEYS = f"['$.resourceType', '$.id', '{_SUBJECT_REFERENCE}']"
 # The id of a reference: "Patient/1", "https://host/fhir/Patient/1", ".../Patient/1/_history/2",
 # "urn:uuid:1". The common shapes skip the regex (a quarter of its cost, on every reference).
 REF_ID_MACRO = r"""ref_id(r) AS
@@ -108,11 +109,18 @@ REF_ID_MACRO = r"""ref_id(r) AS
          ELSE nullif(regexp_extract(r, '([A-Za-z]+)/([^/]+?)(/_history/[^/]+)?$', 2), '') END"""
 
 
-def _patient_id_sql(resource_type: str) -> str:
-    """The id of the patient a parsed line (``keys``) is about: a Patient's own id, else the id
-    of its ``subject`` reference (what de-identification joins on). Landed as ``patient_id`` so
-    that a patient's resources can be picked out by patient bucket without parsing them again."""
-    return "keys[2]" if resource_type == "Patient" else "ref_id(keys[3])"
+def _patient_id_sql(is_patient: bool, id_sql: str = "keys[2]", subject_reference_sql: str = "keys[3]") -> str:
+    """The id of the patient a resource is about: a Patient's own id, else the id of its
+    ``subject`` reference (what de-identification joins on); by default from a parsed line's
+    ``keys``. Landed as ``patient_id`` so that a patient's resources can be picked out by patient
+    bucket without parsing them again."""
+    return id_sql if is_patient else f"ref_id({subject_reference_sql})"
+
+
+def _register_ref_id(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(f"CREATE OR REPLACE TEMP MACRO {REF_ID_MACRO}")
+
+
 _STAGE_PREFIX = "__landing_"
 
 
@@ -184,7 +192,7 @@ def _stage_with_duckdb(con: duckdb.DuckDBPyConnection, schema: str, rtype: str, 
         con.execute(
             f"""INSERT INTO {stage}
                 SELECT keys[2], doc, ?, {"NULL" if in_order else "ordinality"}, ?, {_object_reason(rtype)},
-                       {_patient_id_sql(rtype)}
+                       {_patient_id_sql(rtype == "Patient")}
                 FROM (SELECT *, json AS doc, json_extract_string(json, {_KEYS}) AS keys
                       FROM read_ndjson_objects(?, maximum_object_size = {MAX_LINE_BYTES}) {numbered})""",
             [path.name, landing_id, str(path)],
@@ -258,7 +266,7 @@ def _stage_line_by_line(con: duckdb.DuckDBPyConnection, schema: str, rtype: str,
                                      THEN TRY_CAST(line AS JSON) END AS doc FROM landing_batch)""")
         con.unregister("landing_batch")
         con.execute(
-            f"""INSERT INTO {stage} SELECT keys[2], doc, ?, line_no, ?, NULL, {_patient_id_sql(rtype)} FROM landing_parsed
+            f"""INSERT INTO {stage} SELECT keys[2], doc, ?, line_no, ?, NULL, {_patient_id_sql(rtype == "Patient")} FROM landing_parsed
                 WHERE coalesce(doc IS NOT NULL AND keys[1] = ? AND coalesce(keys[2], '') <> '', false)""",
             [path.name, landing_id, rtype])
         con.execute(
@@ -486,7 +494,7 @@ def land_ndjson(
     types = sorted({t for t, _ in files} | set(CORE_RESOURCE_TYPES) | {t for t, _ in deleted})
 
     _drop_stages(con, schema)  # leftovers of a crashed landing
-    con.execute(f"CREATE OR REPLACE TEMP MACRO {REF_ID_MACRO}")
+    _register_ref_id(con)
     try:
         _create_stages(con, schema, types)
         # Lines per file as read (before any line is classified), so a line lost between
@@ -556,13 +564,13 @@ def add_patient_ids(con: duckdb.DuckDBPyConnection, schema: str = "raw") -> list
            AND database_name = current_database() ORDER BY 1""",
         {"schema": schema, "stage": _STAGE_PREFIX}).fetchall()]
     if missing:
-        con.execute(f"CREATE OR REPLACE TEMP MACRO {REF_ID_MACRO}")
+        _register_ref_id(con)
         with transaction(con):
             for table in missing:
                 target = f"{quote_ident(schema)}.{quote_ident(table)}"
                 con.execute(f"ALTER TABLE {target} ADD COLUMN patient_id VARCHAR")
-                expression = ("id" if table == "patient" else
-                              "ref_id(json_extract_string(resource, '$.subject.reference'))")
+                expression = _patient_id_sql(table == table_name("Patient"), "id",
+                                             f"json_extract_string(resource, '{_SUBJECT_REFERENCE}')")
                 con.execute(f"UPDATE {target} SET patient_id = {expression}")
     return missing
 
